@@ -1,0 +1,50 @@
+# Care Companion: the two commands a newcomer needs are `make run` and `make test`.
+# Everything is set up from nothing: a virtualenv, dependencies, compiled catalogs.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run shell test lint i18n services clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+locales/%/LC_MESSAGES/messages.mo: locales/%/LC_MESSAGES/messages.po $(STAMP)
+	$(BIN)/pybabel compile --use-fuzzy -d locales -D messages -l $*
+
+CATALOGS := $(patsubst %.po,%.mo,$(wildcard locales/*/LC_MESSAGES/messages.po))
+
+setup: $(STAMP) $(CATALOGS)
+
+run: setup
+	$(BIN)/care-companion run
+
+shell: setup
+	$(BIN)/care-companion shell
+
+# Starts PostgreSQL and Redis if they are installed here but not answering.
+services:
+	@bash scripts/services.sh
+
+test: setup services
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q -ra
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# Extract messages (code and checklist files), merge into every catalog, compile.
+i18n: setup
+	$(BIN)/python scripts/i18n.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	find locales -name '*.mo' -delete

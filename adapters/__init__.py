@@ -1,0 +1,1 @@
+"""Implementations of the core's ports: database, vault, keys, file ingest, Telegram I/O."""

@@ -1,0 +1,129 @@
+"""File ingest: stream a channel's file into the vault, encrypted from the first byte, then
+check it through a decrypting reader (no plaintext copy ever touches the disk)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlmodel import select
+
+from adapters.keyring import KeyRing
+from adapters.store import SqlStore, new_id
+from adapters.tables import CaseRow
+from adapters.vault import Vault
+from core.model import FileRef
+from core.ports import FileSource, IncomingFile, StoredFile
+from core.replies import Text
+from intake import Severity, Verdict, runner
+
+log = logging.getLogger(__name__)
+
+# (open_stream, declared name, declared MIME, sent as a compressed photo) -> verdict
+Checker = Callable[[Callable[[], BinaryIO], str | None, str | None, bool], Verdict]
+
+
+@dataclass(frozen=True)
+class BlobOpener:
+    """Picklable recipe for a decrypting reader, so a worker process can open the blob."""
+
+    vault_root: Path
+    blob_id: str
+    key: bytes
+
+    def __call__(self) -> BinaryIO:
+        return Vault(self.vault_root).reader(self.blob_id, self.key)  # type: ignore[return-value]  # BlobReader is a RawIOBase: a binary stream
+
+
+def check_in_worker(
+    open_stream: Callable[[], BinaryIO], name: str | None, mime: str | None, compressed: bool
+) -> Verdict:
+    """Checks run in a worker process with memory, CPU and time limits: a hostile file
+    fails its own check, never the bot."""
+    return runner.check_in_worker(open_stream, name, mime, compressed_photo=compressed)
+
+
+def blob_id_for(case_id: str, unique_id: str) -> str:
+    """Deterministic per case and file, so a retried update overwrites its own orphan."""
+    return hashlib.sha256(f"{case_id}\0{unique_id}".encode()).hexdigest()[:40]
+
+
+# Rejections a better photo can fix; after two of them the next file is taken with a
+# warning for the coordinator (see core.engine.REJECTIONS_BEFORE_LENIENCY).
+LEGIBILITY_CODES = frozenset(
+    {
+        "photo_low_resolution",
+        "photo_too_dark",
+        "photo_washed_out",
+        "photo_low_contrast",
+        "photo_blurred",
+        "photo_glare",
+        "photo_cut_off",
+        "image_blank",
+        "pdf_pages_illegible",
+    }
+)
+
+
+def retakeable(verdict: Verdict) -> bool:
+    errors = [f.code for f in verdict.findings if f.severity is Severity.ERROR]
+    return bool(errors) and all(code in LEGIBILITY_CODES for code in errors)
+
+
+def patient_notes(verdict: Verdict) -> tuple[Text, ...]:
+    """What the patient hears about a file: its notes and errors, never coordinator info."""
+    return tuple(
+        Text(f"finding.{finding.code}", dict(finding.params))
+        for finding in verdict.findings
+        if finding.severity in (Severity.NOTE, Severity.ERROR)
+    )
+
+
+class VaultIngest:
+    def __init__(self, vault: Vault, store: SqlStore, keys: KeyRing, checker: Checker) -> None:
+        self._vault = vault
+        self._store = store
+        self._keys = keys
+        self._checker = checker
+
+    async def _case_key(self, case_id: str) -> bytes:
+        async with self._store.session() as session:
+            wrapped = (
+                await session.exec(select(CaseRow.wrapped_key).where(CaseRow.id == case_id))
+            ).one()
+        return self._keys.case_key(case_id, wrapped)
+
+    async def ingest(self, case_id: str, incoming: IncomingFile, source: FileSource) -> StoredFile:
+        key = await self._case_key(case_id)
+        blob_id = blob_id_for(case_id, incoming.unique_id)
+        if await asyncio.to_thread(self._vault.exists, blob_id):
+            await asyncio.to_thread(self._vault.delete, blob_id)  # left by a crash before commit
+        info = await self._vault.write_stream(blob_id, key, source.chunks(incoming))
+        opener = BlobOpener(self._vault.root, blob_id, key)
+        verdict = await asyncio.to_thread(
+            self._checker, opener, incoming.name, incoming.mime, incoming.compressed_photo
+        )
+        log.info(
+            "file stored case=%s blob=%s size=%d kind=%s status=%s",
+            case_id,
+            blob_id,
+            info.size,
+            verdict.kind.value,
+            verdict.status.value,
+        )
+        ref = FileRef(
+            file_id=new_id(),
+            kind=verdict.kind.value,
+            status=verdict.status.value,
+            notes=patient_notes(verdict),
+            retakeable=retakeable(verdict),
+        )
+        return StoredFile(ref, blob_id, info.sha256, info.size, verdict.to_dict())
+
+    async def discard(self, stored: StoredFile) -> None:
+        await asyncio.to_thread(self._vault.delete, stored.blob_id)

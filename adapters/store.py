@@ -1,0 +1,264 @@
+"""The SQL implementation of the core's `Store` and `Transaction` ports."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import or_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from adapters.keyring import KeyRing
+from adapters.tables import CaseRow, FileRow, InboxRow, InviteRow, ItemRow, OutboxRow
+from core.model import Case, FileRef, ItemProgress, ItemStatus, State
+from core.ports import IncomingFile, Patient, StoredFile
+from core.replies import Reply, Text
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """Random, unguessable id (128 bits) for cases and files."""
+    return secrets.token_hex(16)
+
+
+def _file_to_json(ref: FileRef) -> dict[str, Any]:
+    return {
+        "file_id": ref.file_id,
+        "kind": ref.kind,
+        "status": ref.status,
+        "notes": [n.to_dict() for n in ref.notes],
+        "retakeable": ref.retakeable,
+    }
+
+
+def _file_from_json(data: dict[str, Any]) -> FileRef:
+    return FileRef(
+        data["file_id"],
+        data["kind"],
+        data["status"],
+        tuple(Text.from_dict(n) for n in data.get("notes", ())),
+        data.get("retakeable", False),
+    )
+
+
+@dataclass
+class SqlTransaction:
+    session: AsyncSession
+    keys: KeyRing
+    for_update: bool
+
+    async def update_seen(self, update_id: int) -> bool:
+        row = await self.session.get(InboxRow, update_id)
+        return row is not None and row.status == "done"
+
+    async def mark_update(self, update_id: int, chat_id: int | None) -> None:
+        row = await self.session.get(InboxRow, update_id)
+        now = utcnow()
+        if row is None:  # the shell and direct calls have no inbox row: record the id anyway
+            row = InboxRow(update_id=update_id, chat_id=chat_id, received_at=now)
+        row.status, row.done_at, row.payload_enc, row.error = "done", now, None, None
+        self.session.add(row)
+
+    async def load_case(self, chat_id: int) -> Case | None:
+        query = select(CaseRow).where(CaseRow.chat_id == chat_id)
+        if self.for_update:
+            query = query.with_for_update()
+        row = (await self.session.exec(query)).first()
+        if row is None:
+            return None
+        items = (await self.session.exec(select(ItemRow).where(ItemRow.case_id == row.id))).all()
+        case = Case(
+            id=row.id,
+            chat_id=row.chat_id,
+            locale=row.locale,
+            state=State(row.state),
+            checklist_key=row.checklist_key,
+            current_item=row.current_item,
+            consent_version=row.consent_version,
+            consent_at=row.consent_at,
+            completed_at=row.completed_at,
+            completions=row.completions,
+        )
+        for item in items:
+            answer = None
+            if item.answer_enc is not None:
+                answer = self.keys.decrypt_field(row.id, row.wrapped_key, item.answer_enc, "answer")
+            case.items[item.item_key] = ItemProgress(
+                key=item.item_key,
+                status=ItemStatus(item.status),
+                files=[_file_from_json(f) for f in json.loads(item.files_json)],
+                answer=answer,
+                rejected_uploads=item.rejected_uploads,
+            )
+        return case
+
+    async def create_case(self, patient: Patient, locale: str) -> Case:
+        now = utcnow()
+        case_id = new_id()
+        row = CaseRow(
+            id=case_id,
+            chat_id=patient.chat_id,
+            user_id=patient.user_id,
+            locale=locale,
+            state=State.NEW.value,
+            wrapped_key=self.keys.new_wrapped_key(case_id),
+            created_at=now,
+            updated_at=now,
+        )
+        self.session.add(row)
+        await self.session.flush()
+        return Case(id=case_id, chat_id=patient.chat_id, locale=locale)
+
+    async def save_case(self, case: Case) -> None:
+        row = await self.session.get(CaseRow, case.id)
+        assert row is not None, "saving a case that was never created"
+        row.locale = case.locale
+        row.state = case.state.value
+        row.checklist_key = case.checklist_key
+        row.current_item = case.current_item
+        row.consent_version = case.consent_version
+        row.consent_at = case.consent_at
+        row.completed_at = case.completed_at
+        row.completions = case.completions
+        row.updated_at = utcnow()
+        self.session.add(row)
+        existing = {
+            item.item_key: item
+            for item in (
+                await self.session.exec(select(ItemRow).where(ItemRow.case_id == case.id))
+            ).all()
+        }
+        for key in set(existing) - set(case.items):
+            await self.session.delete(existing[key])
+        for key, progress in case.items.items():
+            item = existing.get(key) or ItemRow(case_id=case.id, item_key=key, status="")
+            item.status = progress.status.value
+            item.files_json = json.dumps([_file_to_json(f) for f in progress.files])
+            item.rejected_uploads = progress.rejected_uploads
+            item.answer_enc = (
+                None
+                if progress.answer is None
+                else self.keys.encrypt_field(case.id, row.wrapped_key, progress.answer, "answer")
+            )
+            self.session.add(item)
+
+    async def find_file(self, case_id: str, unique_id: str, sha256: str | None) -> str | None:
+        match = col(FileRow.unique_id) == unique_id
+        if sha256 is not None:
+            match = or_(match, col(FileRow.sha256) == sha256)
+        query = select(FileRow.id).where(FileRow.case_id == case_id, match)
+        return (await self.session.exec(query)).first()
+
+    async def add_file(
+        self, case: Case, item_key: str, incoming: IncomingFile, stored: StoredFile
+    ) -> None:
+        row = await self.session.get(CaseRow, case.id)
+        assert row is not None
+        name_enc = (
+            self.keys.encrypt_field(case.id, row.wrapped_key, incoming.name, "file-name")
+            if incoming.name
+            else None
+        )
+        self.session.add(
+            FileRow(
+                id=stored.ref.file_id,
+                case_id=case.id,
+                item_key=item_key,
+                unique_id=incoming.unique_id,
+                sha256=stored.sha256,
+                blob_id=stored.blob_id,
+                size=stored.size,
+                kind=stored.ref.kind,
+                status=stored.ref.status,
+                verdict_enc=self.keys.encrypt_field(
+                    case.id, row.wrapped_key, json.dumps(stored.verdict), "verdict"
+                ),
+                name_enc=name_enc,
+                mime=incoming.mime,
+                created_at=utcnow(),
+            )
+        )
+
+    async def take_invite(self, code: str, case_id: str) -> str | None:
+        """The invite's procedure, binding the invite to this case on first use only."""
+        invite = await self.session.get(InviteRow, code[:64])
+        if invite is None:
+            return None
+        if invite.case_id is None:
+            invite.case_id, invite.used_at = case_id, utcnow()
+            self.session.add(invite)
+        elif invite.case_id != case_id:
+            return None  # an invite binds once: someone else's link gives nothing
+        return invite.procedure
+
+    async def enqueue(
+        self, chat_id: int, locale: str, reply: Reply, dedup_key: str | None = None
+    ) -> None:
+        if dedup_key is not None:
+            taken = await self.session.exec(
+                select(OutboxRow.id).where(OutboxRow.dedup_key == dedup_key)
+            )
+            if taken.first() is not None:
+                return  # this event was already announced: never twice
+        self.session.add(
+            OutboxRow(
+                chat_id=chat_id,
+                locale=locale,
+                payload=json.dumps(reply.to_dict(), ensure_ascii=False),
+                dedup_key=dedup_key,
+                created_at=utcnow(),
+            )
+        )
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine, keys: KeyRing) -> None:
+        self.engine = engine
+        self.keys = keys
+        self._postgres = engine.dialect.name == "postgresql"
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction, committed on success and rolled back on error."""
+        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SqlTransaction]:
+        async with self.session() as session:
+            yield SqlTransaction(session, self.keys, for_update=self._postgres)
+
+    async def create_invite(self, procedure: str) -> str:
+        code = secrets.token_urlsafe(18)
+        async with self.session() as session:
+            session.add(InviteRow(code=code, procedure=procedure, created_at=utcnow()))
+        return code
+
+    async def store_update(self, update_id: int, chat_id: int | None, payload: str) -> bool:
+        """Keep an update durably before it is confirmed to Telegram; False if already known."""
+        try:
+            async with self.session() as session:
+                if await session.get(InboxRow, update_id) is not None:
+                    return False
+                session.add(
+                    InboxRow(
+                        update_id=update_id,
+                        chat_id=chat_id,
+                        payload_enc=self.keys.encrypt_inbox(update_id, payload),
+                        received_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True

@@ -1,0 +1,104 @@
+"""Database tables (SQLModel). Schema changes go through Alembic (adapters/migrations).
+
+Personal data never sits here in clear: answers, file names and raw updates are
+encrypted with the case key or the inbox key (see adapters.keys).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class CaseRow(SQLModel, table=True):
+    __tablename__ = "cases"
+
+    id: str = Field(primary_key=True, max_length=32)
+    chat_id: int = Field(sa_column=Column(BigInteger, nullable=False, unique=True, index=True))
+    user_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    locale: str = Field(max_length=16)
+    state: str = Field(max_length=24, index=True)
+    checklist_key: str | None = Field(default=None, max_length=64)
+    current_item: str | None = Field(default=None, max_length=64)
+    consent_version: str | None = Field(default=None, max_length=32)
+    consent_at: datetime | None = None
+    completed_at: datetime | None = None
+    completions: int = 0
+    wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime
+    updated_at: datetime
+
+
+class ItemRow(SQLModel, table=True):
+    __tablename__ = "case_items"
+
+    case_id: str = Field(primary_key=True, foreign_key="cases.id", max_length=32)
+    item_key: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=16)
+    files_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    answer_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    rejected_uploads: int = 0
+
+
+class FileRow(SQLModel, table=True):
+    __tablename__ = "case_files"
+    __table_args__ = (UniqueConstraint("case_id", "unique_id", name="uq_case_file_unique"),)
+
+    id: str = Field(primary_key=True, max_length=32)
+    case_id: str = Field(foreign_key="cases.id", index=True, max_length=32)
+    item_key: str = Field(max_length=64)
+    unique_id: str = Field(max_length=128)
+    sha256: str = Field(max_length=64, index=True)
+    blob_id: str = Field(max_length=128)
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    kind: str = Field(max_length=16)
+    status: str = Field(max_length=16)
+    verdict_enc: str = Field(sa_column=Column(Text, nullable=False))  # holds names from headers
+    name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    mime: str | None = Field(default=None, max_length=128)
+    created_at: datetime
+
+
+class InviteRow(SQLModel, table=True):
+    __tablename__ = "invites"
+
+    code: str = Field(primary_key=True, max_length=64)
+    procedure: str = Field(max_length=64)
+    created_at: datetime
+    case_id: str | None = Field(default=None, max_length=32)
+    used_at: datetime | None = None
+
+
+class InboxRow(SQLModel, table=True):
+    """Updates stored before Telegram is told they were received; payload scrubbed when done."""
+
+    __tablename__ = "inbox"
+
+    update_id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    chat_id: int | None = Field(default=None, sa_column=Column(BigInteger, index=True))
+    payload_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    status: str = Field(default="new", max_length=16, index=True)  # new, done, parked
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    received_at: datetime
+    done_at: datetime | None = None
+    error: str | None = Field(default=None, max_length=200)
+
+
+class OutboxRow(SQLModel, table=True):
+    """Messages to send, written in the same transaction as the change that caused them."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    chat_id: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    locale: str = Field(max_length=16)
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    dedup_key: str | None = Field(default=None, max_length=200, unique=True)
+    status: str = Field(default="pending", max_length=16, index=True)  # pending, sent, failed
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    created_at: datetime
+    sent_at: datetime | None = None

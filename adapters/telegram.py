@@ -1,0 +1,379 @@
+"""Telegram I/O with durability aiogram does not give by default.
+
+- `Poller`: getUpdates -> inbox row committed -> only then the next getUpdates confirms it.
+- `InboxProcessor`: feeds stored updates to the dispatcher, one at a time per chat and in
+  order, chats in parallel; a failing update is retried with backoff, then parked.
+- `OutboxSender`: delivers queued replies with per-chat and global rate limits, waiting
+  `retry_after` on 429 and backing off on 5xx and network errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from aiogram import Bot, Dispatcher
+from aiogram.exceptions import (
+    TelegramAPIError,
+    TelegramBadRequest,
+    TelegramForbiddenError,
+    TelegramNetworkError,
+    TelegramNotFound,
+    TelegramRetryAfter,
+    TelegramServerError,
+    TelegramUnauthorizedError,
+)
+from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from sqlalchemy import or_
+from sqlmodel import col, select
+
+from adapters.store import SqlStore, utcnow
+from adapters.tables import InboxRow, OutboxRow
+from core.replies import Reply, Text
+from handlers.render import Translator
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # then an update is parked and the patient told something went wrong
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry number `attempt` (1, 2, 4, ... capped at 5 minutes)."""
+    return float(min(300, 2 ** max(0, attempt - 1)))
+
+
+def chat_of(payload: dict[str, Any]) -> int | None:
+    for key in ("message", "edited_message", "channel_post"):
+        if key in payload:
+            return int(payload[key]["chat"]["id"])
+    query = payload.get("callback_query")
+    if query and query.get("message"):
+        return int(query["message"]["chat"]["id"])
+    if query:
+        return int(query["from"]["id"])
+    return None
+
+
+class Poller:
+    def __init__(
+        self, bot: Bot, store: SqlStore, wake: asyncio.Event, allowed: tuple[str, ...]
+    ) -> None:
+        self._bot = bot
+        self._store = store
+        self._wake = wake
+        self._allowed = list(allowed)
+
+    async def run(self) -> None:
+        offset: int | None = None
+        failures = 0
+        while True:
+            try:
+                updates = await self._bot.get_updates(
+                    offset=offset, timeout=25, allowed_updates=self._allowed, request_timeout=40
+                )
+                failures = 0
+            except TelegramUnauthorizedError:
+                log.critical("the Bot API refused the token (401); check BOT_TOKEN")
+                raise
+            except (TelegramNetworkError, TelegramServerError, TelegramRetryAfter) as exc:
+                failures += 1
+                delay = getattr(exc, "retry_after", None) or backoff(failures)
+                log.warning("getUpdates failed (%s); retrying in %ss", type(exc).__name__, delay)
+                await asyncio.sleep(min(float(delay), 60.0))
+                continue
+            for update in updates:
+                payload = update.model_dump(mode="json", exclude_none=True, by_alias=True)
+                await self._store.store_update(
+                    update.update_id, chat_of(payload), json.dumps(payload, ensure_ascii=False)
+                )
+            if updates:
+                # Only now, with every update committed, may the next call confirm them.
+                offset = updates[-1].update_id + 1
+                self._wake.set()
+
+
+class InboxProcessor:
+    def __init__(
+        self,
+        bot: Bot,
+        dispatcher: Dispatcher,
+        store: SqlStore,
+        wake: asyncio.Event,
+        on_parked: Callable[[int | None], Any],
+        context: dict[str, Any],
+        handled: asyncio.Event | None = None,
+    ) -> None:
+        self._bot = bot
+        self._dp = dispatcher
+        self._store = store
+        self._wake = wake
+        self._on_parked = on_parked
+        self._context = context
+        self._handled = handled  # set after each update, so the outbox sends at once
+        self._queued: set[int] = set()
+        self._queues: dict[int, deque[int]] = {}
+        self._workers: dict[int, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        while True:
+            await self._dispatch_pending()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()
+
+    async def _dispatch_pending(self) -> None:
+        now = utcnow()
+        async with self._store.session() as session:
+            rows = (
+                await session.exec(
+                    select(InboxRow.update_id, InboxRow.chat_id)
+                    .where(InboxRow.status == "new")
+                    .where(
+                        or_(
+                            col(InboxRow.next_attempt_at).is_(None),
+                            col(InboxRow.next_attempt_at) <= now,
+                        )
+                    )
+                    .order_by(col(InboxRow.update_id))
+                    .limit(500)
+                )
+            ).all()
+        for update_id, chat_id in rows:
+            if update_id in self._queued:
+                continue
+            lane = chat_id if chat_id is not None else -update_id
+            self._queued.add(update_id)
+            self._queues.setdefault(lane, deque()).append(update_id)
+            if lane not in self._workers:
+                self._workers[lane] = asyncio.create_task(self._drain(lane))
+
+    async def drain_all(self) -> None:
+        """Process everything pending now (used by tests and at shutdown)."""
+        await self._dispatch_pending()
+        while self._workers:
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
+    async def _drain(self, lane: int) -> None:
+        queue = self._queues[lane]
+        try:
+            while queue:
+                update_id = queue[0]
+                ok = await self._process(update_id)
+                if not ok:
+                    # Keep the chat's order: later updates wait for this one's retry.
+                    for waiting in queue:
+                        self._queued.discard(waiting)
+                    queue.clear()
+                    break
+                queue.popleft()
+                self._queued.discard(update_id)
+        finally:
+            del self._workers[lane]
+            if not queue:
+                self._queues.pop(lane, None)
+
+    async def _process(self, update_id: int) -> bool:
+        async with self._store.session() as session:
+            row = await session.get(InboxRow, update_id)
+            if row is None or row.status != "new" or row.payload_enc is None:
+                return True
+            payload = self._store.keys.decrypt_inbox(update_id, row.payload_enc)
+            chat_id, attempts = row.chat_id, row.attempts
+        started = time.perf_counter()
+        try:
+            update = Update.model_validate(json.loads(payload), context={"bot": self._bot})
+            await self._dp.feed_update(self._bot, update, update_id=update_id, **self._context)
+        except Exception as exc:  # any handler failure is retried, then parked
+            return await self._failed(update_id, chat_id, attempts + 1, exc)
+        async with self._store.transaction() as tx:
+            if not await tx.update_seen(update_id):  # an update no handler took
+                await tx.mark_update(update_id, chat_id)
+        log.info(
+            "update handled update=%s ms=%.1f", update_id, (time.perf_counter() - started) * 1000
+        )
+        return True
+
+    async def _failed(
+        self, update_id: int, chat_id: int | None, attempts: int, exc: Exception
+    ) -> bool:
+        parked = attempts >= MAX_ATTEMPTS
+        log.warning(
+            "update failed update=%s attempt=%d error=%s%s",
+            update_id,
+            attempts,
+            type(exc).__name__,
+            " (parked)" if parked else "",
+            exc_info=not isinstance(exc, TelegramAPIError),
+        )
+        async with self._store.session() as session:
+            row = await session.get(InboxRow, update_id)
+            if row is not None and row.status == "new":
+                row.attempts = attempts
+                row.error = type(exc).__name__[:200]
+                row.next_attempt_at = utcnow() + timedelta(seconds=backoff(attempts))
+                if parked:
+                    row.status = "parked"
+                session.add(row)
+        if parked:
+            await self._on_parked(chat_id)
+        return False
+
+
+class _RateLimiter:
+    """Token buckets: per chat (about 1/s, short bursts), per group (20/min), global (25/s)."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, deque[float]] = {}
+        self._global: deque[float] = deque()
+
+    def delay(self, chat_id: int, now: float) -> float:
+        window, limit = (60.0, 20) if chat_id < 0 else (3.0, 3)
+        sent = self._last.setdefault(chat_id, deque())
+        while sent and now - sent[0] >= window:
+            sent.popleft()
+        while self._global and now - self._global[0] >= 1.0:
+            self._global.popleft()
+        wait = 0.0
+        if len(sent) >= limit:
+            wait = max(wait, window - (now - sent[0]))
+        if len(self._global) >= 25:
+            wait = max(wait, 1.0 - (now - self._global[0]))
+        return wait
+
+    async def wait_turn(self, chat_id: int) -> None:
+        """Sleep until a message to this chat fits every limit."""
+        wait = self.delay(chat_id, time.monotonic())
+        while wait > 0:
+            await asyncio.sleep(wait)
+            wait = self.delay(chat_id, time.monotonic())
+
+    def record(self, chat_id: int, now: float) -> None:
+        self._last.setdefault(chat_id, deque()).append(now)
+        self._global.append(now)
+
+
+class OutboxSender:
+    def __init__(
+        self, bot: Bot, store: SqlStore, translator: Translator, wake: asyncio.Event
+    ) -> None:
+        self._bot = bot
+        self._store = store
+        self._translator = translator
+        self._wake = wake
+        self._limiter = _RateLimiter()
+        self._lanes: dict[int, asyncio.Task[None]] = {}
+
+    async def run(self) -> None:
+        while True:
+            await self._start_lanes()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+            self._wake.clear()
+
+    async def _pending_chats(self) -> list[int]:
+        now = utcnow()
+        async with self._store.session() as session:
+            chats = await session.exec(
+                select(OutboxRow.chat_id)
+                .where(OutboxRow.status == "pending")
+                .where(
+                    or_(
+                        col(OutboxRow.next_attempt_at).is_(None),
+                        col(OutboxRow.next_attempt_at) <= now,
+                    )
+                )
+                .distinct()
+            )
+            return list(chats.all())
+
+    async def _start_lanes(self) -> None:
+        for chat_id in await self._pending_chats():
+            if chat_id not in self._lanes:
+                self._lanes[chat_id] = asyncio.create_task(self._send_chat(chat_id))
+
+    async def flush(self) -> None:
+        """Send everything that is due now (tests and shutdown)."""
+        await self._start_lanes()
+        while self._lanes:
+            await asyncio.gather(*list(self._lanes.values()), return_exceptions=True)
+
+    async def _send_chat(self, chat_id: int) -> None:
+        try:
+            while True:
+                async with self._store.session() as session:
+                    row = (
+                        await session.exec(
+                            select(OutboxRow)
+                            .where(OutboxRow.chat_id == chat_id, OutboxRow.status == "pending")
+                            .order_by(col(OutboxRow.id))
+                            .limit(1)
+                        )
+                    ).first()
+                if row is None or (row.next_attempt_at and row.next_attempt_at > utcnow()):
+                    return
+                if not await self._send_row(row):
+                    return  # retry later; later messages of this chat wait to keep order
+        finally:
+            self._lanes.pop(chat_id, None)
+
+    async def _send_row(self, row: OutboxRow) -> bool:
+        assert row.id is not None
+        await self._limiter.wait_turn(row.chat_id)
+        try:
+            await self._deliver(row.chat_id, row.locale, Reply.from_dict(json.loads(row.payload)))
+        except TelegramRetryAfter as exc:
+            log.warning("429 from Telegram chat_lane=%s retry_after=%s", row.id, exc.retry_after)
+            await self._reschedule(row.id, float(exc.retry_after), count=False)
+            return False
+        except (TelegramServerError, TelegramNetworkError, TimeoutError) as exc:
+            log.warning("send failed outbox=%s error=%s", row.id, type(exc).__name__)
+            await self._reschedule(row.id, backoff(row.attempts + 1), count=True)
+            return False
+        except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as exc:
+            # The patient blocked the bot or the chat is gone: retrying cannot help.
+            log.error("send refused outbox=%s error=%s", row.id, type(exc).__name__)
+            await self._finish(row.id, "failed")
+            return True
+        self._limiter.record(row.chat_id, time.monotonic())
+        await self._finish(row.id, "sent")
+        return True
+
+    async def _deliver(self, chat_id: int, locale: str, reply: Reply) -> None:
+        rendered = self._translator.render(locale, reply)
+        markup = None
+        if rendered.buttons:
+            markup = InlineKeyboardMarkup(
+                inline_keyboard=[
+                    [InlineKeyboardButton(text=b.label, callback_data=b.data) for b in row]
+                    for row in rendered.buttons
+                ]
+            )
+        for index, text in enumerate(rendered.texts):
+            last = index == len(rendered.texts) - 1
+            await self._bot.send_message(chat_id, text, reply_markup=markup if last else None)
+
+    async def _reschedule(self, outbox_id: int, delay: float, count: bool) -> None:
+        async with self._store.session() as session:
+            row = await session.get(OutboxRow, outbox_id)
+            if row is not None:
+                row.attempts += 1 if count else 0
+                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                session.add(row)
+
+    async def _finish(self, outbox_id: int, status: str) -> None:
+        async with self._store.session() as session:
+            row = await session.get(OutboxRow, outbox_id)
+            if row is not None:
+                row.status, row.sent_at = status, utcnow()
+                session.add(row)
+
+
+def parked_notice() -> Reply:
+    return Reply((Text("error.generic"),))

@@ -1,0 +1,730 @@
+"""Encrypted blob vault: patients' files stored as chunked AES-256-GCM on local disk.
+
+Layout under the vault root::
+
+    blobs/<first 2 chars of blob id>/<blob id>   committed blobs (mode 0600)
+    tmp/<blob id>.<random>.tmp                   blobs being written
+
+Plaintext never touches the disk, not even in ``tmp/``: the writer encrypts each chunk
+in memory before writing it.
+
+Blob file format, version 1::
+
+    header  = b"CCV1" | version (u8 = 1) | chunk size (u32 big-endian, 1 MiB)
+    chunk i = nonce (12 random bytes) | AES-256-GCM ciphertext | tag (16 bytes)
+
+Every chunk holds exactly ``chunk size`` plaintext bytes except the last one, which
+holds 1..chunk size bytes; an empty blob is a single empty final chunk.  The number of
+chunks and the plaintext size therefore follow from the file size alone, which is what
+lets :class:`BlobReader` seek without an index.
+
+Associated data of chunk i = header | u16 length of blob id | blob id (ASCII) |
+u64 chunk index | u8 final flag.  Hence:
+
+* a flipped byte anywhere fails that chunk's tag (header bytes included);
+* reordered chunks fail because the index differs;
+* a blob file copied under another id fails because the id differs;
+* a blob truncated at a chunk boundary fails because the new last chunk was not
+  encrypted with the final flag; truncation mid-chunk gives an impossible file size.
+
+The reader authenticates the last chunk when the blob is opened, so truncation and a
+wrong key are reported by :meth:`Vault.reader` itself, before a parser sees any byte.
+
+Chunk keys: the caller passes the 32-byte data key of the case (see
+``adapters.keys``).  Random 96-bit nonces keep the GCM collision risk negligible far
+beyond the data one case can hold (2**32 chunks = 4 PiB per key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = [
+    "CHUNK_SIZE",
+    "BlobInfo",
+    "BlobIntegrityError",
+    "BlobReader",
+    "BlobWriter",
+    "InvalidBlobIdError",
+    "Vault",
+    "validate_blob_id",
+]
+
+MAGIC = b"CCV1"
+FORMAT_VERSION = 1
+CHUNK_SIZE = 1 << 20  # 1 MiB: AES-GCM runs at ~16 GB/s at this size and releases the GIL
+NONCE_SIZE = 12
+TAG_SIZE = 16
+CHUNK_OVERHEAD = NONCE_SIZE + TAG_SIZE
+KEY_SIZE = 32
+
+_HEADER = struct.Struct(">4sBI")
+HEADER_SIZE = _HEADER.size
+# Bound for chunk sizes read from a header: a hostile header must not make the reader
+# allocate gigabytes before the first tag check fails.
+_MAX_CHUNK_SIZE = 64 << 20
+_CHUNK_TRAILER = struct.Struct(">QB")
+
+_BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+class InvalidBlobIdError(ValueError):
+    """A blob id is not 8..128 characters of ``[A-Za-z0-9_-]``."""
+
+
+class BlobIntegrityError(OSError):
+    """A blob failed authentication: tampered, truncated, swapped or wrong key.
+
+    ``chunk_index`` is the chunk that failed, or None when the header itself is
+    unreadable.  It subclasses OSError (errno EIO) so file parsers such as pydicom,
+    zipfile and Pillow let it propagate as an I/O failure instead of masking it as a
+    format error.  A wrong key cannot be told apart from tampering.
+    """
+
+    def __init__(self, blob_id: str, chunk_index: int | None, detail: str = "") -> None:
+        where = "header" if chunk_index is None else f"chunk {chunk_index}"
+        message = f"blob {blob_id} failed integrity check at {where}"
+        if detail:
+            message += f": {detail}"
+        super().__init__(errno.EIO, message)
+        self.blob_id = blob_id
+        self.chunk_index = chunk_index
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """What a committed or verified blob holds.
+
+    ``size`` and ``sha256`` (hex) describe the plaintext; ``stored_size`` is the size
+    of the encrypted file on disk.
+    """
+
+    blob_id: str
+    size: int
+    sha256: str
+    stored_size: int
+
+
+def validate_blob_id(blob_id: str) -> str:
+    """Return *blob_id* if it is a safe file name, else raise :class:`InvalidBlobIdError`.
+
+    Checked before any file system access so an id can never name a path outside the
+    vault (no separators, no dots, no NUL).
+    """
+    if not isinstance(blob_id, str) or _BLOB_ID_RE.fullmatch(blob_id) is None:
+        raise InvalidBlobIdError(f"invalid blob id {blob_id!r}")
+    return blob_id
+
+
+def _check_key(key: bytes) -> None:
+    # AESGCM also accepts 16/24-byte keys; refusing them catches a mixed-up key early.
+    if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
+        raise ValueError(f"blob key must be {KEY_SIZE} bytes")
+
+
+def _aad_prefix(header: bytes, blob_id: str) -> bytes:
+    raw_id = blob_id.encode("ascii")
+    return header + struct.pack(">H", len(raw_id)) + raw_id
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written (os.write may write partially)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a directory entry change (create, rename, unlink) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Vault:
+    """Encrypted blob store rooted at a local directory.
+
+    Blob ids are chosen by the caller (random hex or urlsafe strings, 8..128 chars of
+    ``[A-Za-z0-9_-]``); keys are the 32-byte data keys of the owning case.  All
+    methods are blocking; async code should use :meth:`write_stream` or run them via
+    ``asyncio.to_thread``.
+    """
+
+    def __init__(self, root: Path, *, chunk_size: int = CHUNK_SIZE) -> None:
+        """Open (creating if needed) the vault at *root*.
+
+        *chunk_size* only affects newly written blobs (readers take it from each
+        blob's header); the default 1 MiB should not be changed outside tests.
+        """
+        if not 1 <= chunk_size <= _MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be between 1 and {_MAX_CHUNK_SIZE}")
+        self.root = Path(root)
+        self.chunk_size = chunk_size
+        self.blobs_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        for directory in (self.root, self.blobs_dir, self.tmp_dir):
+            directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+
+    # ----------------------------------------------------------------- paths
+
+    def _blob_path(self, blob_id: str) -> Path:
+        validate_blob_id(blob_id)
+        return self.blobs_dir / blob_id[:2] / blob_id
+
+    # ----------------------------------------------------------------- writing
+
+    def writer(self, blob_id: str, key: bytes) -> BlobWriter:
+        """Start writing a new blob; see :class:`BlobWriter`.
+
+        The blob becomes visible only when the writer is committed.  Committing fails
+        with FileExistsError if a blob with this id already exists.
+        """
+        validate_blob_id(blob_id)
+        _check_key(key)
+        return BlobWriter(self, blob_id, key)
+
+    async def write_stream(
+        self,
+        blob_id: str,
+        key: bytes,
+        chunks: AsyncIterator[bytes] | AsyncIterable[bytes],
+    ) -> BlobInfo:
+        """Encrypt an async stream of byte pieces into a new blob and commit it.
+
+        Incoming pieces (e.g. aiogram's 64 KiB download pieces) are only copied into
+        the chunk buffer on the event loop; encryption, hashing, file writes, fsync and
+        rename run in a worker thread once per chunk, so the loop never blocks on disk
+        or crypto.  On any error or cancellation the temporary file is removed.
+        """
+        writer = await asyncio.to_thread(self.writer, blob_id, key)
+        try:
+            async for piece in chunks:
+                view = memoryview(piece).cast("B")
+                while view:
+                    if writer._buffer_full():
+                        await asyncio.to_thread(writer._emit_buffer, False)
+                    view = view[writer._fill(view) :]
+            return await asyncio.to_thread(writer.commit)
+        except BaseException:
+            # Shielded so a second cancellation cannot skip the cleanup; abort() takes
+            # the writer lock, so it waits for a chunk write still running in a thread
+            # instead of closing the descriptor under it.
+            await asyncio.shield(asyncio.to_thread(writer.abort))
+            raise
+
+    # ----------------------------------------------------------------- reading
+
+    def reader(self, blob_id: str, key: bytes) -> BlobReader:
+        """Open a blob for random-access reading; see :class:`BlobReader`.
+
+        Raises FileNotFoundError if the blob does not exist and
+        :class:`BlobIntegrityError` if its header, length or last chunk is invalid
+        (which includes a wrong key).
+        """
+        path = self._blob_path(blob_id)
+        _check_key(key)
+        return BlobReader(path, blob_id, key)
+
+    def verify(self, blob_id: str, key: bytes) -> BlobInfo:
+        """Authenticate every chunk and return the plaintext size and SHA-256.
+
+        Raises :class:`BlobIntegrityError` on the first chunk that fails.  Memory use
+        is about two chunks regardless of blob size.
+        """
+        digest = hashlib.sha256()
+        with self.reader(blob_id, key) as reader:
+            for index in range(reader.chunk_count):
+                digest.update(reader._decrypt_chunk(index))
+            return BlobInfo(blob_id, reader.size, digest.hexdigest(), reader.stored_size)
+
+    # ----------------------------------------------------------------- housekeeping
+
+    def exists(self, blob_id: str) -> bool:
+        """True if a committed blob with this id exists."""
+        return self._blob_path(blob_id).is_file()
+
+    def delete(self, blob_id: str) -> bool:
+        """Remove a blob durably; returns False if it did not exist (idempotent)."""
+        path = self._blob_path(blob_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def iter_blob_ids(self) -> Iterator[str]:
+        """Yield the ids of all committed blobs, sorted within each shard directory.
+
+        Stray files that are not valid blob ids or sit in the wrong shard are skipped.
+        """
+        try:
+            shards = sorted(os.scandir(self.blobs_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                name = entry.name
+                if (
+                    entry.is_file(follow_symlinks=False)
+                    and _BLOB_ID_RE.fullmatch(name)
+                    and name[:2] == shard.name
+                ):
+                    yield name
+
+    def cleanup_temp(self, older_than: float = 0.0) -> int:
+        """Remove leftover temporary files from writers that crashed or were killed.
+
+        Call at startup before any writer runs; with ``older_than`` (seconds) it only
+        removes files not modified for that long, which is safe while writers run.
+        Temp files hold ciphertext only, so removing them leaks nothing.  Returns the
+        number of files removed.
+        """
+        removed = 0
+        cutoff = time.time() - older_than
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if older_than > 0 and entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+class BlobWriter:
+    """Write-only, non-seekable file-like object that encrypts into a new blob.
+
+    Data is buffered up to one chunk; a full chunk is encrypted and written only
+    when more data arrives, because the last chunk must carry the final flag and the
+    writer cannot know a chunk is the last until :meth:`commit`.  Memory use is one
+    chunk of plaintext plus one chunk of ciphertext.
+
+    ``flush()`` is a no-op kept for file-object compatibility (aiogram calls
+    write()+flush() per piece); durability comes only from :meth:`commit`.  When
+    passing the writer to aiogram's ``Bot.download(..., destination=writer)``, also
+    pass ``seek=False``: the writer cannot seek.  Prefer :meth:`Vault.write_stream`
+    in async code, since aiogram calls ``write()`` on the event loop.
+
+    As a context manager it commits on a clean exit and aborts on an exception.
+    Not safe for concurrent use from several threads.
+    """
+
+    def __init__(self, vault: Vault, blob_id: str, key: bytes) -> None:
+        """Create the temp file and write the header; use :meth:`Vault.writer`."""
+        self.blob_id = blob_id
+        self._vault = vault
+        self._aead = AESGCM(bytes(key))
+        self._chunk_size = vault.chunk_size
+        self._header = _HEADER.pack(MAGIC, FORMAT_VERSION, self._chunk_size)
+        self._aad_prefix = _aad_prefix(self._header, blob_id)
+        # Preallocated once: slice assignment into a fixed buffer never reallocates,
+        # which keeps peak memory at one chunk.
+        self._buf = bytearray(self._chunk_size)
+        self._filled = 0
+        self._index = 0
+        self._size = 0
+        self._stored = 0
+        self._sha = hashlib.sha256()
+        self._info: BlobInfo | None = None
+        self._aborted = False
+        # Serialises chunk emission, commit and abort: write_stream may abort from the
+        # event loop while a worker thread is still writing a chunk.
+        self._lock = threading.RLock()
+        self._final_path = vault._blob_path(blob_id)
+        self._tmp_path = vault.tmp_dir / f"{blob_id}.{secrets.token_hex(8)}.tmp"
+        self._fd: int | None = os.open(
+            self._tmp_path,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            _FILE_MODE,
+        )
+        try:
+            _write_all(self._fd, self._header)
+        except BaseException:
+            self.abort()
+            raise
+        self._stored = len(self._header)
+
+    # ----------------------------------------------------------- file protocol
+
+    def writable(self) -> bool:
+        """Always True."""
+        return True
+
+    def readable(self) -> bool:
+        """Always False."""
+        return False
+
+    def seekable(self) -> bool:
+        """Always False: chunks are encrypted and written as they fill."""
+        return False
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or aborted."""
+        return self._info is not None or self._aborted
+
+    def tell(self) -> int:
+        """Number of plaintext bytes written so far."""
+        return self._size + self._filled
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Buffer *data*, encrypting and writing each chunk once the next one starts."""
+        self._check_open()
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                if self._buffer_full():
+                    self._emit_buffer(False)
+                view = view[self._fill(view) :]
+        except BaseException:
+            self.abort()
+            raise
+        return total
+
+    def flush(self) -> None:
+        """No-op; present because aiogram calls it after every piece."""
+        self._check_open()
+
+    def commit(self) -> BlobInfo:
+        """Write the final chunk, fsync, move the blob into place and fsync the directory.
+
+        Returns the :class:`BlobInfo`; calling it again returns the same info.  Raises
+        FileExistsError (after removing the temp file) if the blob id is already taken.
+        """
+        with self._lock:
+            if self._info is not None:
+                return self._info
+            self._check_open()
+            try:
+                self._emit_buffer(True)
+                assert self._fd is not None
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+                self._publish()
+            except BaseException:
+                self.abort()
+                raise
+            self._info = BlobInfo(self.blob_id, self._size, self._sha.hexdigest(), self._stored)
+            self._release_buffer()
+            return self._info
+
+    def close(self) -> BlobInfo | None:
+        """Commit if still open (file-object convention); None if it was aborted."""
+        if self._aborted:
+            return None
+        return self.commit()
+
+    def abort(self) -> None:
+        """Discard the blob: close and remove the temp file.  Idempotent; no-op after commit."""
+        with self._lock:
+            if self._info is not None or self._aborted:
+                return
+            self._aborted = True
+            if self._fd is not None:
+                try:
+                    os.close(self._fd)
+                finally:
+                    self._fd = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp_path)
+            self._release_buffer()
+
+    def __enter__(self) -> Self:
+        """Return the writer itself."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Commit on a clean exit, abort when the block raised."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # A writer dropped without commit is abandoned: remove its temp file rather
+        # than leave it for cleanup_temp.  Never commit here, the data may be partial.
+        try:
+            if not self.closed and hasattr(self, "_lock"):
+                self.abort()
+        except Exception:  # noqa: S110 - nothing sensible to do during finalisation
+            pass
+
+    # ----------------------------------------------------------- internals
+
+    def _check_open(self) -> None:
+        if self._aborted:
+            raise ValueError(f"writer for blob {self.blob_id} was aborted")
+        if self._info is not None:
+            raise ValueError(f"writer for blob {self.blob_id} is already committed")
+
+    def _buffer_full(self) -> bool:
+        return self._filled == self._chunk_size
+
+    def _fill(self, view: memoryview) -> int:
+        """Copy as much of *view* as fits into the chunk buffer; returns bytes taken."""
+        take = min(self._chunk_size - self._filled, len(view))
+        self._buf[self._filled : self._filled + take] = view[:take]
+        self._filled += take
+        return take
+
+    def _emit_buffer(self, final: bool) -> None:
+        """Encrypt the buffered bytes as the next chunk and append it to the temp file."""
+        with self._lock:
+            self._check_open()
+            assert self._fd is not None
+            plain = memoryview(self._buf)[: self._filled]
+            # Hash here, not in write(): this runs in a worker thread under
+            # write_stream, and hashlib releases the GIL for large buffers.
+            self._sha.update(plain)
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
+            sealed = self._aead.encrypt(nonce, plain, aad)
+            plain.release()
+            # Two writes instead of nonce + sealed: concatenating would copy the chunk.
+            _write_all(self._fd, nonce)
+            _write_all(self._fd, sealed)
+            self._stored += NONCE_SIZE + len(sealed)
+            self._size += self._filled
+            self._index += 1
+            self._filled = 0
+
+    def _publish(self) -> None:
+        """Move the fsynced temp file to its final name without replacing anything."""
+        shard = self._final_path.parent
+        if not shard.is_dir():
+            shard.mkdir(mode=_DIR_MODE, exist_ok=True)
+            _fsync_dir(shard.parent)
+        try:
+            # link() fails if the name exists, unlike rename(): a colliding blob id
+            # must never silently replace another patient's file.
+            os.link(self._tmp_path, self._final_path)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST, f"blob {self.blob_id} already exists", str(self._final_path)
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # File systems without hard links: check-then-rename; the window is tiny
+            # and ids are random, so this only loses against a caller bug.
+            if self._final_path.exists():
+                raise FileExistsError(
+                    errno.EEXIST, f"blob {self.blob_id} already exists", str(self._final_path)
+                ) from None
+            os.rename(self._tmp_path, self._final_path)
+        else:
+            os.unlink(self._tmp_path)
+        _fsync_dir(shard)
+
+    def _release_buffer(self) -> None:
+        self._buf = bytearray()
+        self._filled = 0
+
+
+class BlobReader(io.RawIOBase):
+    """Seekable, read-only raw file over a blob, decrypting one chunk at a time.
+
+    Libraries that want a binary file (pydicom, zipfile, Pillow, pypdfium2) can read
+    it directly.  One decrypted chunk is cached, so sequential and nearby reads cost
+    one decryption per chunk.  ``readinto`` fills the whole requested range across
+    chunk boundaries (short reads only at end of blob), because some parsers treat a
+    short read as end of file.
+
+    Every chunk is authenticated before any of its bytes are returned; a failure
+    raises :class:`BlobIntegrityError`.  The last chunk is authenticated when the
+    reader is opened, so truncation and a wrong key surface immediately.  Not safe for
+    concurrent use from several threads (like any file object with a position).
+    """
+
+    def __init__(self, path: Path, blob_id: str, key: bytes) -> None:
+        """Open and check the blob at *path*; use :meth:`Vault.reader`."""
+        super().__init__()
+        self.blob_id = blob_id
+        self._aead = AESGCM(bytes(key))
+        self._pos = 0
+        self._cache_index = -1
+        self._cache: bytes = b""
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self._open_layout()
+            # Authenticating the last chunk now proves the length (its index and
+            # final flag are bound) and the key before a parser sees any byte.
+            self._chunk(self.chunk_count - 1)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_layout(self) -> None:
+        assert self._fd is not None
+        self.stored_size = os.fstat(self._fd).st_size
+        header = os.pread(self._fd, HEADER_SIZE, 0)
+        if len(header) != HEADER_SIZE:
+            raise BlobIntegrityError(self.blob_id, None, "file shorter than the header")
+        magic, version, chunk_size = _HEADER.unpack(header)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise BlobIntegrityError(self.blob_id, None, "not a version 1 vault blob")
+        if not 1 <= chunk_size <= _MAX_CHUNK_SIZE:
+            raise BlobIntegrityError(self.blob_id, None, f"bad chunk size {chunk_size}")
+        self.chunk_size = chunk_size
+        self._aad_prefix = _aad_prefix(header, self.blob_id)
+        stored_chunk = chunk_size + CHUNK_OVERHEAD
+        body = self.stored_size - HEADER_SIZE
+        full, rest = divmod(body, stored_chunk)
+        if rest == 0 and full > 0:
+            # The last chunk is a full one.
+            self.chunk_count = full
+            self.size = full * chunk_size
+        elif rest > CHUNK_OVERHEAD or (rest == CHUNK_OVERHEAD and full == 0):
+            # A short last chunk; an empty one only for an empty blob.
+            self.chunk_count = full + 1
+            self.size = full * chunk_size + rest - CHUNK_OVERHEAD
+        else:
+            raise BlobIntegrityError(
+                self.blob_id, full, f"stored size {self.stored_size} is not a valid layout"
+            )
+
+    # ----------------------------------------------------------- io.RawIOBase
+
+    def readable(self) -> bool:
+        """Always True."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always True."""
+        return True
+
+    def writable(self) -> bool:
+        """Always False."""
+        return False
+
+    def tell(self) -> int:
+        """Current plaintext position."""
+        self._check_not_closed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to a plaintext position; whence 0 (start), 1 (current) or 2 (end).
+
+        Positions past the end are allowed (reads return b""); a negative position
+        raises OSError(EINVAL) like a real file, which zipfile relies on.
+        """
+        self._check_not_closed()
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        elif whence == io.SEEK_END:
+            target = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence!r}")
+        if target < 0:
+            raise OSError(errno.EINVAL, "negative seek position")
+        self._pos = target
+        return target
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        """Decrypt bytes at the current position into *buffer*; returns the count."""
+        self._check_not_closed()
+        with memoryview(buffer) as raw, raw.cast("B") as out:
+            wanted = min(len(out), max(0, self.size - self._pos))
+            done = 0
+            while done < wanted:
+                index, offset = divmod(self._pos, self.chunk_size)
+                with memoryview(self._chunk(index)) as plain:
+                    take = min(len(plain) - offset, wanted - done)
+                    out[done : done + take] = plain[offset : offset + take]
+                done += take
+                self._pos += take
+            return done
+
+    def readall(self) -> bytes:
+        """Read from the current position to the end."""
+        self._check_not_closed()
+        out = bytearray(max(0, self.size - self._pos))
+        n = self.readinto(out)
+        del out[n:]
+        return bytes(out)
+
+    def close(self) -> None:
+        """Close the file descriptor and drop the cached plaintext."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        self._cache = b""
+        self._cache_index = -1
+        if fd is not None:
+            os.close(fd)
+        super().close()
+
+    # ----------------------------------------------------------- chunks
+
+    def _check_not_closed(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed blob reader")
+
+    def _chunk(self, index: int) -> bytes:
+        """Return decrypted chunk *index*, from the one-chunk cache when possible."""
+        if index != self._cache_index:
+            # Drop the old plaintext first so two chunks are never held at once.
+            self._cache = b""
+            self._cache_index = -1
+            self._cache = self._decrypt_chunk(index)
+            self._cache_index = index
+        return self._cache
+
+    def _decrypt_chunk(self, index: int) -> bytes:
+        """Read and authenticate chunk *index* (no caching)."""
+        assert self._fd is not None
+        last = index == self.chunk_count - 1
+        stored_chunk = self.chunk_size + CHUNK_OVERHEAD
+        offset = HEADER_SIZE + index * stored_chunk
+        length = (self.stored_size - offset) if last else stored_chunk
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            # The file shrank after it was opened.
+            raise BlobIntegrityError(self.blob_id, index, "chunk is truncated")
+        aad = self._aad_prefix + _CHUNK_TRAILER.pack(index, 1 if last else 0)
+        try:
+            return self._aead.decrypt(data[:NONCE_SIZE], memoryview(data)[NONCE_SIZE:], aad)
+        except InvalidTag:
+            raise BlobIntegrityError(self.blob_id, index, "authentication failed") from None

@@ -1,0 +1,1 @@
+"""Composition root: settings, wiring, run modes (polling, shell) and the CLI."""

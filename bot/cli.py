@@ -1,0 +1,146 @@
+"""The `care-companion` command (also `python -m bot`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from bot.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("care_companion")
+
+_HOW_TO_CONNECT = """\
+BOT_TOKEN is not set, so the bot cannot connect to Telegram.
+
+  1. In Telegram, open @BotFather, send /newbot and follow the steps.
+  2. Put the token it gives you in .env:   BOT_TOKEN=123456789:ABC...
+  3. Run the bot again.
+
+To try the conversation offline first, without any token:   care-companion shell
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="care-companion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="run the bot with long polling")
+    sub.add_parser("shell", help="chat with the bot offline in this terminal")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    check = sub.add_parser("check", help="check files as the bot would (folders and ZIPs expand)")
+    check.add_argument("paths", nargs="+")
+    check.add_argument("--json", action="store_true")
+    cases = sub.add_parser("cases", help="list, show and invite cases")
+    cases_sub = cases.add_subparsers(dest="cases_command", required=True)
+    listing = cases_sub.add_parser("list")
+    listing.add_argument("--json", action="store_true")
+    show = cases_sub.add_parser("show")
+    show.add_argument("case_id")
+    show.add_argument("--json", action="store_true")
+    invite = cases_sub.add_parser("invite", help="print a t.me deep link for a new case")
+    invite.add_argument("--procedure", required=True)
+    invite.add_argument("--bot-username", help="defaults to the bot's own, asked from the Bot API")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check":
+        from intake.cli import main as check_main
+
+        return check_main([*args.paths, *(["--json"] if args.json else [])])
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"care-companion: {exc}", file=sys.stderr)
+        return 2
+    from bot.app import configure_logging, prepare
+
+    configure_logging(settings.log_level if args.command in {"run"} else "WARNING")
+    if args.command == "run" and settings.bot_token is None:
+        print(_HOW_TO_CONNECT, file=sys.stderr)
+        return 2
+    try:
+        prepare(settings)
+    except Exception as exc:  # one clear line instead of a trace at start-up
+        print(f"care-companion: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "migrate":
+        print("database schema is up to date")
+        return 0
+    return asyncio.run(_async_main(args, settings))
+
+
+async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
+    from bot.app import build_app
+
+    if args.command == "run":
+        from bot.polling import run_polling
+
+        await run_polling(settings)
+        return 0
+    app = build_app(settings)
+    try:
+        if args.command == "shell":
+            from bot.shell import run_shell
+
+            await run_shell(app)
+            return 0
+        return await _cases(args, app)
+    finally:
+        await app.close()
+
+
+async def _cases(args: argparse.Namespace, app: object) -> int:
+    from bot.app import App
+    from bot.cases import list_cases, show_case
+
+    assert isinstance(app, App)
+    if args.cases_command == "list":
+        cases = await list_cases(app.store)
+        if args.json:
+            print(json.dumps(cases, indent=2))
+        else:
+            for case in cases:
+                print(f"{case['case_id']}  {case['state']:<10}  {case['procedure'] or '-'}")
+        return 0
+    if args.cases_command == "show":
+        view = await show_case(app.store, args.case_id, app.checklists)
+        if view is None:
+            print(f"care-companion: no case {args.case_id}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(view, indent=2))
+        else:
+            print(f"case {view['case_id']}: {view['state']} ({view['procedure']})")
+            for item in view["items"]:
+                marker = "->" if item["key"] == view["current_item"] else "  "
+                print(
+                    f"{marker} {item['key']:<16} {item['status']:<10} {len(item['files'])} file(s)"
+                )
+        return 0
+    # invite
+    if args.procedure not in app.checklists:
+        known = ", ".join(sorted(app.checklists))
+        print(
+            f"care-companion: unknown procedure {args.procedure!r}; known: {known}", file=sys.stderr
+        )
+        return 2
+    username = args.bot_username
+    if username is None:
+        if app.settings.bot_token is None:
+            print("care-companion: set BOT_TOKEN or pass --bot-username", file=sys.stderr)
+            return 2
+        from bot.polling import make_bot
+
+        bot = make_bot(app.settings)
+        try:
+            username = (await bot.get_me()).username
+        finally:
+            await bot.session.close()
+    code = await app.store.create_invite(args.procedure)
+    print(f"https://t.me/{username}?start={code}")
+    return 0

@@ -1,0 +1,105 @@
+"""Settings from the environment or `.env` (every one documented in .env.example)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_TOKEN = re.compile(r"^\d{1,20}:[A-Za-z0-9_-]{1,100}$")
+
+
+class SettingsError(ValueError):
+    """One clear line naming the setting that is missing or malformed."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    bot_token: str | None = None
+    telegram_api_base_url: str = "https://api.telegram.org"
+    telegram_api_local: bool = False
+    # "server_prefix=local_prefix": where the local Bot API server's files appear to us
+    telegram_local_path_map: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    master_key_file: Path | None = None
+    coordinator_chat_id: int | None = None
+    coordinator_ids: Annotated[tuple[int, ...], NoDecode] = ()
+    default_locale: str = "en"
+    coordinator_locale: str = "en"
+    privacy_version: str = "2026-11"
+    log_level: str = "INFO"
+
+    @field_validator("coordinator_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+        return value
+
+    @field_validator("bot_token")
+    @classmethod
+    def _token_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _TOKEN.match(value.strip()):
+            raise ValueError("expected the form 123456789:ABC-def... from @BotFather")
+        return value.strip() if value else None
+
+    @field_validator("telegram_api_base_url")
+    @classmethod
+    def _url_shape(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("expected an http(s) URL such as https://api.telegram.org")
+        return value.rstrip("/")
+
+    @field_validator("telegram_local_path_map")
+    @classmethod
+    def _map_shape(cls, value: str | None) -> str | None:
+        if value and "=" not in value:
+            raise ValueError("expected SERVER_PREFIX=LOCAL_PREFIX")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _defaults_under_data_dir(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'care-companion.db').resolve()}"
+        if self.master_key_file is None:
+            self.master_key_file = self.data_dir / "master.key"
+        return self
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def key_file(self) -> Path:
+        assert self.master_key_file is not None
+        return self.master_key_file
+
+    @property
+    def local_path_map(self) -> tuple[str, str] | None:
+        if not self.telegram_local_path_map:
+            return None
+        server, _, local = self.telegram_local_path_map.partition("=")
+        return server, local
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings, or SettingsError with one line naming the first bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        raise SettingsError(f"setting {name} is invalid: {first['msg']}") from None

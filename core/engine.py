@@ -1,0 +1,490 @@
+"""The conversation state machine: `handle(case, event, ctx) -> Outcome`.
+
+Every transition is one row of `TRANSITIONS`: (state, event) -> action and the states the
+action may lead to. `ANY` rows apply in every state unless a specific row exists. The
+diagram in docs/state-machine.md is checked against this table by a test.
+
+Actions mutate the case and return replies; the engine checks that the state an action
+leaves the case in is one its row allows, so the table cannot silently drift from the code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Final
+
+from core.checklist import Checklist, ChecklistItem
+from core.events import (
+    CaseCompleted,
+    ConsentGiven,
+    DomainEvent,
+    Event,
+    EventKind,
+    FileRejected,
+    ItemResolved,
+)
+from core.model import Case, FileRef, ItemProgress, ItemStatus, State
+from core.replies import Button, Lines, Reply, Text, Verbatim, reply
+
+ANY: Final = "*"
+# After this many rejected uploads for one item, the next file is taken with a warning for
+# the coordinator, so no patient is ever stuck on a check they cannot pass.
+REJECTIONS_BEFORE_LENIENCY: Final = 2
+
+
+@dataclass(frozen=True)
+class Context:
+    checklists: Mapping[str, Checklist]
+    locales: tuple[str, ...]  # offered languages, in the order shown
+    language_names: Mapping[str, str]  # each language in its own script
+    privacy_version: str
+    now: datetime
+
+
+@dataclass
+class Outcome:
+    replies: list[Reply] = field(default_factory=list)
+    events: list[DomainEvent] = field(default_factory=list)
+
+
+Action = Callable[[Case, Event, Context, Outcome], None]
+
+
+@dataclass(frozen=True)
+class Transition:
+    action: Action
+    targets: frozenset[State]  # the states this action may leave the case in
+
+
+class TransitionError(RuntimeError):
+    """An action moved the case to a state its table row does not allow: a bug."""
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _checklist(case: Case, ctx: Context) -> Checklist:
+    assert case.checklist_key is not None, "collecting without a checklist"
+    return ctx.checklists[case.checklist_key]
+
+
+def _current(case: Case, ctx: Context) -> ChecklistItem:
+    assert case.current_item is not None, "collecting without a current item"
+    return _checklist(case, ctx).item(case.current_item)
+
+
+def _language_buttons(ctx: Context) -> tuple[tuple[Button, ...], ...]:
+    buttons = [
+        Button(Verbatim(ctx.language_names[code]), EventKind.CHOOSE_LANGUAGE, code)
+        for code in ctx.locales
+    ]
+    return tuple(tuple(buttons[i : i + 2]) for i in range(0, len(buttons), 2))
+
+
+def _consent_prompt(ctx: Context) -> Reply:
+    return reply(
+        Text("privacy.notice", {"version": Verbatim(ctx.privacy_version)}),
+        Text("consent.ask"),
+        buttons=(
+            (Button(Text("button.agree"), EventKind.AGREE),),
+            (Button(Text("button.decline"), EventKind.DECLINE),),
+            (Button(Text("button.language"), EventKind.LANGUAGE_MENU),),
+        ),
+    )
+
+
+def _procedure_prompt(ctx: Context) -> Reply:
+    rows = tuple(
+        (Button(Text(checklist.title), EventKind.CHOOSE_PROCEDURE, key),)
+        for key, checklist in ctx.checklists.items()
+    )
+    return reply(Text("procedure.ask"), buttons=rows)
+
+
+def _item_prompt(case: Case, ctx: Context) -> Reply:
+    checklist = _checklist(case, ctx)
+    item = _current(case, ctx)
+    position = checklist.item_keys.index(item.key) + 1
+    parts = [
+        Text(
+            "item.ask",
+            {"position": position, "total": len(checklist.items), "title": Text(item.title)},
+        ),
+        Text(item.why),
+        Text(item.how),
+        Text("item.required") if item.required else Text("item.optional"),
+    ]
+    return reply(*parts, buttons=_item_buttons(case, item))
+
+
+def _item_buttons(case: Case, item: ChecklistItem) -> tuple[tuple[Button, ...], ...]:
+    rows: list[tuple[Button, ...]] = []
+    if case.progress(item.key).files:
+        rows.append((Button(Text("button.done"), EventKind.DONE, item.key),))
+    if not item.required:
+        rows.append((Button(Text("button.skip"), EventKind.SKIP, item.key),))
+    rows.append((Button(Text("button.dont_have"), EventKind.DONT_HAVE, item.key),))
+    return tuple(rows)
+
+
+def _complete_message() -> Reply:
+    return reply(Text("case.complete"), Text("case.next_steps"))
+
+
+def prompt_for(case: Case, ctx: Context) -> Reply:
+    """What the patient should see to continue from where the case stands."""
+    if case.state in (State.NEW, State.CONSENT):
+        return _consent_prompt(ctx)
+    if case.state is State.PROCEDURE:
+        return _procedure_prompt(ctx)
+    if case.state is State.COLLECTING:
+        return _item_prompt(case, ctx)
+    return _complete_message()
+
+
+def status_reply(case: Case, ctx: Context) -> Reply:
+    """Every item with where it stands: received, still missing, skipped, not available."""
+    if case.checklist_key is None:
+        return reply(Text("status.no_checklist"))
+    lines = []
+    for item in _checklist(case, ctx).items:
+        progress = case.progress(item.key)
+        lines.append(
+            Text(
+                "status.line",
+                {
+                    "mark": Verbatim(_STATUS_MARKS[progress.status]),
+                    "title": Text(item.title),
+                    "status": Text(f"item_status.{progress.status.value}"),
+                    "files": len(progress.files),
+                },
+            )
+        )
+    missing = [
+        item
+        for item in _checklist(case, ctx).items
+        if item.required and case.progress(item.key).status.is_open
+    ]
+    summary = Text("status.missing", {"count": len(missing)}) if missing else Text("status.all_in")
+    return reply(Text("status.header"), Lines(tuple(lines)), summary)
+
+
+_STATUS_MARKS: Final = {
+    ItemStatus.PENDING: "⬜",
+    ItemStatus.RECEIVED: "🟨",
+    ItemStatus.DONE: "✅",
+    ItemStatus.SKIPPED: "➖",
+    ItemStatus.DONT_HAVE: "🚫",
+}
+
+
+def _advance(case: Case, ctx: Context, out: Outcome) -> None:
+    """Move to the next open item, or complete the case when nothing required is open."""
+    checklist = _checklist(case, ctx)
+    keys = checklist.item_keys
+    start = keys.index(case.current_item) + 1 if case.current_item in keys else 0
+    for key in keys[start:] + keys[:start]:
+        if case.progress(key).status.is_open:
+            case.current_item = key
+            out.replies.append(_item_prompt(case, ctx))
+            return
+    _complete(case, ctx, out)
+
+
+def _complete(case: Case, ctx: Context, out: Outcome) -> None:
+    case.state = State.COMPLETE
+    case.current_item = None
+    case.completed_at = ctx.now
+    case.completions += 1
+    out.events.append(CaseCompleted(case.id, case.completions))
+    out.replies.append(_complete_message())
+
+
+def _resolve(case: Case, status: ItemStatus, ctx: Context, out: Outcome, ack: str) -> None:
+    item = _current(case, ctx)
+    case.progress(item.key).status = status
+    out.events.append(ItemResolved(case.id, item.key, status.value))
+    out.replies.append(reply(Text(ack, {"title": Text(item.title)})))
+    _advance(case, ctx, out)
+
+
+def _stale(event: Event, case: Case) -> bool:
+    """A button pressed on an earlier step's message: its item is not the current one."""
+    return bool(event.arg) and event.arg != case.current_item
+
+
+# --- actions ---------------------------------------------------------------------------
+
+
+def _start(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if event.arg and event.arg in ctx.checklists and case.checklist_key is None:
+        _set_checklist(case, event.arg, ctx)
+    if case.state is State.NEW:
+        case.state = State.CONSENT
+        out.replies.append(reply(Text("welcome"), buttons=_language_buttons(ctx)))
+    elif case.state is State.PROCEDURE and case.checklist_key is not None:
+        _begin_collecting(case, ctx, out)
+        return
+    out.replies.append(prompt_for(case, ctx))
+
+
+def _set_checklist(case: Case, key: str, ctx: Context) -> None:
+    case.checklist_key = key
+    case.items = {item.key: ItemProgress(item.key) for item in ctx.checklists[key].items}
+    case.current_item = None
+
+
+def _begin_collecting(case: Case, ctx: Context, out: Outcome) -> None:
+    case.state = State.COLLECTING
+    case.current_item = None
+    out.replies.append(reply(Text("collecting.intro")))
+    _advance(case, ctx, out)
+
+
+def _agree(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    case.consent_version = ctx.privacy_version
+    case.consent_at = ctx.now
+    out.events.append(ConsentGiven(case.id, ctx.privacy_version))
+    out.replies.append(reply(Text("consent.thanks")))
+    if case.checklist_key is None:
+        case.state = State.PROCEDURE
+        out.replies.append(_procedure_prompt(ctx))
+    else:
+        _begin_collecting(case, ctx, out)
+
+
+def _decline(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(
+        reply(Text("consent.declined"), buttons=((Button(Text("button.agree"), EventKind.AGREE),),))
+    )
+
+
+def _choose_procedure(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if event.arg not in ctx.checklists:
+        out.replies.append(_procedure_prompt(ctx))
+        return
+    _set_checklist(case, event.arg, ctx)
+    _begin_collecting(case, ctx, out)
+
+
+def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    item = _current(case, ctx)
+    progress = case.progress(item.key)
+    file = event.file
+    if event.duplicate:
+        out.replies.append(reply(Text("file.duplicate"), buttons=_item_buttons(case, item)))
+        return
+    if file is None:  # not downloaded: the item takes a typed answer (see upload_target)
+        out.replies.append(reply(Text("item.needs_text"), buttons=_item_buttons(case, item)))
+        return
+    if file.status != "rejected" and file.kind not in item.accepts:
+        _reject(case, item, file, out, Text("file.wrong_kind", _kinds_params(item, file)))
+        return
+    if file.status == "rejected":
+        if not (file.retakeable and progress.rejected_uploads >= REJECTIONS_BEFORE_LENIENCY):
+            _reject(case, item, file, out, Text("file.rejected", {"title": Text(item.title)}))
+            return
+        # Third try of a hard page: take it, and let the coordinator judge (see constant).
+        file = FileRef(file.file_id, file.kind, "noted", file.notes, retakeable=True)
+        out.replies.append(reply(Text("file.accepted_after_retakes")))
+    progress.files.append(file)
+    progress.status = ItemStatus.RECEIVED
+    notes = file.notes if file.status == "noted" else ()
+    if len(progress.files) >= item.max_files:
+        progress.status = ItemStatus.DONE
+        out.events.append(ItemResolved(case.id, item.key, ItemStatus.DONE.value))
+        out.replies.append(reply(Text("file.received_last", {"title": Text(item.title)}), *notes))
+        _advance(case, ctx, out)
+        return
+    out.replies.append(
+        reply(
+            Text("file.received", {"count": len(progress.files), "title": Text(item.title)}),
+            *notes,
+            buttons=_item_buttons(case, item),
+        )
+    )
+
+
+def _kinds_params(item: ChecklistItem, file: FileRef) -> dict[str, object]:
+    accepted = tuple(Text(f"kind.{kind}") for kind in sorted(item.accepts))
+    return {"kind": Text(f"kind.{file.kind}"), "accepted": accepted}
+
+
+def _reject(case: Case, item: ChecklistItem, file: FileRef, out: Outcome, why: Text) -> None:
+    case.progress(item.key).rejected_uploads += 1
+    out.events.append(FileRejected(case.id, item.key, file.file_id))
+    out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item)))
+
+
+def _text(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    item = _current(case, ctx)
+    if not item.is_text_answer:
+        out.replies.append(reply(Text("item.needs_file"), buttons=_item_buttons(case, item)))
+        return
+    answer = event.arg.strip()
+    if len(answer) < 2:
+        out.replies.append(reply(Text("item.answer_too_short"), buttons=_item_buttons(case, item)))
+        return
+    case.progress(item.key).answer = answer
+    _resolve(case, ItemStatus.DONE, ctx, out, "item.answer_saved")
+
+
+def _done(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if _stale(event, case):
+        out.replies.append(reply(Text("button.stale")))
+        out.replies.append(prompt_for(case, ctx))
+        return
+    item = _current(case, ctx)
+    if not case.progress(item.key).files:
+        out.replies.append(reply(Text("item.nothing_yet"), buttons=_item_buttons(case, item)))
+        return
+    _resolve(case, ItemStatus.DONE, ctx, out, "item.done")
+
+
+def _skip(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if _stale(event, case):
+        out.replies.append(reply(Text("button.stale")))
+        out.replies.append(prompt_for(case, ctx))
+        return
+    item = _current(case, ctx)
+    if item.required:
+        out.replies.append(reply(Text("item.cannot_skip"), buttons=_item_buttons(case, item)))
+        return
+    _resolve(case, ItemStatus.SKIPPED, ctx, out, "item.skipped")
+
+
+def _dont_have(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if _stale(event, case):
+        out.replies.append(reply(Text("button.stale")))
+        out.replies.append(prompt_for(case, ctx))
+        return
+    _resolve(case, ItemStatus.DONT_HAVE, ctx, out, "item.dont_have_recorded")
+
+
+def _language_menu(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(reply(Text("language.ask"), buttons=_language_buttons(ctx)))
+
+
+def _choose_language(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    if event.arg in ctx.locales:
+        case.locale = event.arg
+        out.replies.append(reply(Text("language.set")))
+    if case.state is State.NEW:
+        _start(case, Event(EventKind.START), ctx, out)
+    else:
+        out.replies.append(prompt_for(case, ctx))
+
+
+def _status(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(status_reply(case, ctx))
+
+
+def _help(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(reply(Text("help"), Text("help.not_medical_advice")))
+
+
+def _privacy(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(reply(Text("privacy.notice", {"version": Verbatim(ctx.privacy_version)})))
+
+
+def _unsupported(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(reply(Text("message.unsupported")))
+    if case.state is State.NEW:
+        _start(case, event, ctx, out)
+    else:
+        out.replies.append(prompt_for(case, ctx))
+
+
+def _not_now(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """An event that does not fit the current step: say why, then show the step again."""
+    if case.state is State.NEW:
+        _start(case, event, ctx, out)
+        return
+    out.replies.append(reply(Text(f"not_now.{case.state.value}")))
+    out.replies.append(prompt_for(case, ctx))
+
+
+# --- the table -------------------------------------------------------------------------
+
+# `ANY` rows keep the state; the one exception is greeting a chat still in NEW.
+_GREETS = frozenset({State.CONSENT})
+_COLLECT_OR_DONE = frozenset({State.COLLECTING, State.COMPLETE})
+_PROCEDURE_OR_COLLECT = frozenset({State.PROCEDURE, State.COLLECTING})
+
+
+def _stay(state: State) -> frozenset[State]:
+    return frozenset({state})
+
+
+TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
+    (State.NEW, EventKind.START): Transition(_start, _stay(State.CONSENT)),
+    (State.CONSENT, EventKind.START): Transition(_start, _stay(State.CONSENT)),
+    (State.CONSENT, EventKind.AGREE): Transition(
+        _agree, frozenset({State.PROCEDURE, State.COLLECTING})
+    ),
+    (State.CONSENT, EventKind.DECLINE): Transition(_decline, _stay(State.CONSENT)),
+    (State.PROCEDURE, EventKind.START): Transition(
+        _start, frozenset({State.PROCEDURE, State.COLLECTING})
+    ),
+    (State.PROCEDURE, EventKind.CHOOSE_PROCEDURE): Transition(
+        _choose_procedure, frozenset({State.PROCEDURE, State.COLLECTING})
+    ),
+    (State.COLLECTING, EventKind.START): Transition(_start, _stay(State.COLLECTING)),
+    (State.COLLECTING, EventKind.FILE): Transition(_file, _COLLECT_OR_DONE),
+    (State.COLLECTING, EventKind.TEXT): Transition(_text, _COLLECT_OR_DONE),
+    (State.COLLECTING, EventKind.DONE): Transition(_done, _COLLECT_OR_DONE),
+    (State.COLLECTING, EventKind.SKIP): Transition(_skip, _COLLECT_OR_DONE),
+    (State.COLLECTING, EventKind.DONT_HAVE): Transition(_dont_have, _COLLECT_OR_DONE),
+    (State.COMPLETE, EventKind.START): Transition(_start, _stay(State.COMPLETE)),
+    # In every state: menus and information change the language at most, never the step.
+    (ANY, EventKind.LANGUAGE_MENU): Transition(_language_menu, _GREETS),
+    (ANY, EventKind.CHOOSE_LANGUAGE): Transition(_choose_language, _GREETS),
+    (ANY, EventKind.STATUS): Transition(_status, _GREETS),
+    (ANY, EventKind.HELP): Transition(_help, _GREETS),
+    (ANY, EventKind.PRIVACY): Transition(_privacy, _GREETS),
+    (ANY, EventKind.UNSUPPORTED): Transition(_unsupported, _GREETS),
+    # Anything else out of place is answered and the current step shown again.
+    (ANY, EventKind.AGREE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.DECLINE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.CHOOSE_PROCEDURE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.FILE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.TEXT): Transition(_not_now, _GREETS),
+    (ANY, EventKind.DONE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.SKIP): Transition(_not_now, _GREETS),
+    (ANY, EventKind.DONT_HAVE): Transition(_not_now, _GREETS),
+}
+
+
+def transition_for(state: State, kind: EventKind) -> Transition:
+    return TRANSITIONS.get((state, kind)) or TRANSITIONS[(ANY, kind)]
+
+
+def handle(case: Case, event: Event, ctx: Context) -> Outcome:
+    """Apply one event to the case (mutating it) and return what to say and announce."""
+    transition = transition_for(case.state, event.kind)
+    before = case.state
+    out = Outcome()
+    transition.action(case, event, ctx, out)
+    if case.state is not before and case.state not in transition.targets:
+        raise TransitionError(f"{before} --{event.kind}--> {case.state} is not in the table")
+    return out
+
+
+def upload_target(case: Case, ctx: Context) -> ChecklistItem | None:
+    """The item an incoming file would count toward, or None when no upload is wanted now.
+
+    Nothing is downloaded before consent, and not for an item that takes a typed answer.
+    """
+    if case.state is not State.COLLECTING or case.consent_version is None:
+        return None
+    item = _current(case, ctx)
+    return None if item.is_text_answer else item
+
+
+def lenient_retake(case: Case, ctx: Context) -> bool:
+    """True when the current item has been rejected often enough to take the next file."""
+    if case.current_item is None:
+        return False
+    return case.progress(case.current_item).rejected_uploads >= REJECTIONS_BEFORE_LENIENCY

@@ -1,0 +1,77 @@
+"""What comes into the engine (events) and what it announces (domain events)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from core.model import FileRef
+
+
+class EventKind(StrEnum):
+    START = "start"  # /start, optionally with the procedure of an invite
+    CHOOSE_LANGUAGE = "choose_language"
+    LANGUAGE_MENU = "language_menu"  # /language
+    AGREE = "agree"  # consent to the privacy notice
+    DECLINE = "decline"
+    CHOOSE_PROCEDURE = "choose_procedure"
+    FILE = "file"  # a file already stored and checked; the engine sees its verdict
+    TEXT = "text"
+    DONE = "done"  # "done with this item"
+    SKIP = "skip"  # skip an optional item
+    DONT_HAVE = "dont_have"  # "I don't have this"
+    STATUS = "status"
+    HELP = "help"
+    PRIVACY = "privacy"
+    UNSUPPORTED = "unsupported"  # a sticker, voice note, location...: nothing we can use
+
+
+# Events a button may carry; anything else in callback data is ignored as forged or stale.
+BUTTON_EVENTS = frozenset(
+    {
+        EventKind.CHOOSE_LANGUAGE,
+        EventKind.LANGUAGE_MENU,
+        EventKind.AGREE,
+        EventKind.DECLINE,
+        EventKind.CHOOSE_PROCEDURE,
+        EventKind.DONE,
+        EventKind.SKIP,
+        EventKind.DONT_HAVE,
+        EventKind.STATUS,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    arg: str = ""  # language, procedure, item key of a button, typed text
+    file: FileRef | None = None
+    duplicate: bool = False  # the same file was already stored for this case
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    case_id: str
+
+
+@dataclass(frozen=True)
+class ConsentGiven(DomainEvent):
+    version: str
+
+
+@dataclass(frozen=True)
+class ItemResolved(DomainEvent):
+    item_key: str
+    status: str
+
+
+@dataclass(frozen=True)
+class FileRejected(DomainEvent):
+    item_key: str
+    file_id: str
+
+
+@dataclass(frozen=True)
+class CaseCompleted(DomainEvent):
+    completion: int  # 1 for the first completion; a reopened case completes again with 2...

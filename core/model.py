@@ -1,0 +1,69 @@
+"""The case: one patient's collection of records against one checklist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from core.replies import Text
+
+
+class State(StrEnum):
+    """Where the conversation stands. Transitions: `core.engine.TRANSITIONS`."""
+
+    NEW = "new"
+    CONSENT = "consent"
+    PROCEDURE = "procedure"
+    COLLECTING = "collecting"
+    COMPLETE = "complete"
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"  # nothing yet
+    RECEIVED = "received"  # some files in, the patient may send more
+    DONE = "done"  # accepted files or an answer
+    SKIPPED = "skipped"  # optional item the patient skipped
+    DONT_HAVE = "dont_have"  # the patient says they do not have it; the coordinator sees it
+
+    @property
+    def is_open(self) -> bool:
+        return self in (ItemStatus.PENDING, ItemStatus.RECEIVED)
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A stored file as the core sees it: ids and the verdict, never the bytes."""
+
+    file_id: str
+    kind: str  # intake.Kind value, judged by content
+    status: str  # intake.Status value: accepted, noted or rejected
+    notes: tuple[Text, ...] = ()  # what the patient should hear about this file
+    retakeable: bool = False  # rejected for legibility: a retake may fix it
+
+
+@dataclass
+class ItemProgress:
+    key: str
+    status: ItemStatus = ItemStatus.PENDING
+    files: list[FileRef] = field(default_factory=list)
+    answer: str | None = None
+    rejected_uploads: int = 0
+
+
+@dataclass
+class Case:
+    id: str
+    chat_id: int
+    locale: str
+    state: State = State.NEW
+    checklist_key: str | None = None
+    current_item: str | None = None
+    consent_version: str | None = None
+    consent_at: datetime | None = None
+    completed_at: datetime | None = None
+    completions: int = 0  # how many times the case became complete (one alert each)
+    items: dict[str, ItemProgress] = field(default_factory=dict)
+
+    def progress(self, key: str) -> ItemProgress:
+        return self.items.setdefault(key, ItemProgress(key))

@@ -1,0 +1,1 @@
+"""Telegram adapter: aiogram routers that turn updates into core events; nothing else."""

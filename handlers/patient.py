@@ -1,0 +1,155 @@
+"""The patient's private chat: every update becomes one core event.
+
+Handlers send nothing themselves: the service queues replies in the outbox in the same
+transaction as the state change, and the outbox sender delivers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiogram import Bot, F, Router
+from aiogram.exceptions import TelegramAPIError
+from aiogram.filters import Command, CommandObject, CommandStart
+from aiogram.types import CallbackQuery, Message
+
+from core.events import BUTTON_EVENTS, Event, EventKind
+from core.ports import IncomingFile, Patient
+from core.service import ConversationService
+
+log = logging.getLogger(__name__)
+
+DOWNLOAD_CHUNK = 64 * 1024
+# What the bot handles; getUpdates and setWebhook ask Telegram for nothing else.
+ALLOWED_UPDATES = ("message", "callback_query")
+
+_COMMANDS = {
+    "status": EventKind.STATUS,
+    "help": EventKind.HELP,
+    "privacy": EventKind.PRIVACY,
+    "language": EventKind.LANGUAGE_MENU,
+}
+
+
+_BUTTON_ACTIONS = frozenset(kind.value for kind in BUTTON_EVENTS)
+
+
+def _patient(message: Message) -> Patient:
+    user = message.from_user
+    return Patient(
+        chat_id=message.chat.id,
+        user_id=user.id if user else message.chat.id,
+        language_code=user.language_code if user else None,
+    )
+
+
+def incoming_file(message: Message) -> IncomingFile | None:
+    """The file a message carries, if any: a document, or the largest size of a photo."""
+    if message.document is not None:
+        doc = message.document
+        return IncomingFile(
+            doc.file_unique_id, doc.file_id, doc.file_name, doc.mime_type, doc.file_size
+        )
+    if message.photo:
+        photo = message.photo[-1]  # Telegram lists sizes smallest first
+        return IncomingFile(
+            photo.file_unique_id,
+            photo.file_id,
+            None,
+            "image/jpeg",
+            photo.file_size,
+            compressed_photo=True,
+        )
+    return None
+
+
+class TelegramFileSource:
+    """Streams a Telegram file in pieces: over HTTP from the cloud, or from the local
+    Bot API server's disk (`TELEGRAM_API_LOCAL`), never holding the whole file."""
+
+    def __init__(self, bot: Bot, local_path_map: tuple[str, str] | None = None) -> None:
+        self._bot = bot
+        self._map = local_path_map
+
+    async def chunks(self, incoming: IncomingFile) -> AsyncIterator[bytes]:
+        file = await self._bot.get_file(incoming.source_ref)
+        assert file.file_path is not None, "getFile returned no path"
+        if self._bot.session.api.is_local:
+            path = file.file_path
+            if self._map and path.startswith(self._map[0]):
+                path = self._map[1] + path[len(self._map[0]) :]
+            async for piece in _read_local(path):
+                yield piece
+            return
+        url = self._bot.session.api.file_url(self._bot.token, file.file_path)
+        async for piece in self._bot.session.stream_content(
+            url=url, timeout=60, chunk_size=DOWNLOAD_CHUNK, raise_for_status=True
+        ):
+            yield piece
+
+
+async def _read_local(path: str) -> AsyncIterator[bytes]:
+    with open(path, "rb") as handle:  # noqa: ASYNC230  # each read runs in a thread below
+        while piece := await asyncio.to_thread(handle.read, DOWNLOAD_CHUNK):
+            yield piece
+
+
+def build_router() -> Router:
+    """A fresh router (aiogram routers cannot join two dispatchers)."""
+    router = Router(name="patient")
+    router.message.filter(F.chat.type == "private")
+    router.callback_query.filter(F.message.chat.type == "private")
+
+    @router.message(CommandStart())
+    async def start(
+        message: Message, command: CommandObject, service: ConversationService, update_id: int
+    ) -> None:
+        await service.handle(
+            _patient(message), Event(EventKind.START, command.args or ""), update_id
+        )
+
+    @router.message(Command(*_COMMANDS))
+    async def command(
+        message: Message, command: CommandObject, service: ConversationService, update_id: int
+    ) -> None:
+        await service.handle(_patient(message), Event(_COMMANDS[command.command]), update_id)
+
+    @router.message(F.document | F.photo)
+    async def file(
+        message: Message,
+        service: ConversationService,
+        file_source: TelegramFileSource,
+        update_id: int,
+    ) -> None:
+        incoming = incoming_file(message)
+        assert incoming is not None
+        await service.handle_file(_patient(message), incoming, file_source, update_id)
+
+    @router.message(F.text)
+    async def text(message: Message, service: ConversationService, update_id: int) -> None:
+        kind = EventKind.HELP if (message.text or "").startswith("/") else EventKind.TEXT
+        await service.handle(_patient(message), Event(kind, message.text or ""), update_id)
+
+    @router.message()
+    async def other(message: Message, service: ConversationService, update_id: int) -> None:
+        await service.handle(_patient(message), Event(EventKind.UNSUPPORTED), update_id)
+
+    @router.callback_query()
+    async def pressed(query: CallbackQuery, service: ConversationService, update_id: int) -> None:
+        action, _, arg = (query.data or "").partition(":")
+        # A replayed, old query can no longer be answered; the event still counts.
+        with contextlib.suppress(TelegramAPIError):
+            await query.answer()
+        if action not in _BUTTON_ACTIONS:
+            log.info("ignored button action update=%s", update_id)
+            return
+        message = query.message
+        if message is None:
+            return
+        patient = Patient(message.chat.id, query.from_user.id, query.from_user.language_code)
+        await service.handle(patient, Event(EventKind(action), arg[:64]), update_id)
+
+    return router

@@ -1,0 +1,298 @@
+"""Photos and images: decoded under a pixel budget, then measured for legibility.
+
+Measures run on a grey copy at most `ANALYSIS_LONG_SIDE` pixels long (JPEG uses Pillow's
+reduced `draft()` decode, ~25 ms at 12 MP). Thresholds are deliberately conservative: a
+rejection must be plainly right, a doubtful case is a note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import deque
+from typing import Any, BinaryIO
+
+import numpy as np
+import pillow_heif  # HEIC/HEIF from iPhones
+from PIL import Image, ImageOps
+
+from intake import limits
+from intake.verdict import Finding, Kind, Severity, Verdict, verdict_from
+
+pillow_heif.register_heif_opener()
+
+Image.MAX_IMAGE_PIXELS = limits.MAX_IMAGE_PIXELS
+Image.init()  # register every plugin before the allow-list is computed
+_WANTED = ("JPEG", "PNG", "WEBP", "TIFF", "GIF", "HEIF", "AVIF", "MPO", "BMP")
+FORMATS = [f for f in _WANTED if f in Image.OPEN] or None
+
+# Thresholds, calibrated on the generated corpus (tests/intake/corpus.py) at 1600 px.
+FOCUS_REJECT = 1.45  # noise-corrected Laplacian energy ratio; blurred pages approach 1
+FOCUS_MARGINAL = 2.2
+DARK_MEDIAN = 55  # median grey level of the page
+LOW_CONTRAST = 28  # p95 - p05 grey levels
+WASHED_P05 = 200
+GLARE_SHARE = 0.04  # largest blown-out blob, share of the picture
+SCREEN_SIZES = {
+    (w, h)
+    for w, h in [
+        (750, 1334),
+        (828, 1792),
+        (1080, 1920),
+        (1080, 2340),
+        (1080, 2400),
+        (1125, 2436),
+        (1170, 2532),
+        (1179, 2556),
+        (1242, 2208),
+        (1242, 2688),
+        (1284, 2778),
+        (1290, 2796),
+        (1440, 2560),
+        (1440, 3200),
+        (1440, 3088),
+        (720, 1600),
+        (720, 1280),
+        (1366, 768),
+        (1920, 1080),
+        (2560, 1440),
+        (1280, 800),
+        (1440, 900),
+        (1536, 864),
+        (2880, 1800),
+        (3024, 1964),
+        (1680, 1050),
+        (1600, 900),
+        (2048, 1536),
+        (1620, 2160),
+        (1640, 2360),
+        (1668, 2388),
+        (2048, 2732),
+        (1280, 720),
+        (3840, 2160),
+        (1280, 1024),
+    ]
+}
+
+
+class ImageError(Exception):
+    """The image could not be decoded within the budget; `code` says why."""
+
+    def __init__(self, code: str, **params: Any) -> None:
+        super().__init__(code)
+        self.code = code
+        self.params = params
+
+
+def open_image(stream: BinaryIO) -> Image.Image:
+    """Open and verify the header under the pixel budget; pixels are not decoded yet."""
+    stream.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(stream, formats=FORMATS)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageError("image_too_many_pixels", max_megapixels=_mp()) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError("image_corrupt") from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError("image_corrupt")
+    if width * height > limits.MAX_IMAGE_PIXELS:
+        raise ImageError("image_too_many_pixels", max_megapixels=_mp())
+    return img
+
+
+def _mp() -> int:
+    return limits.MAX_IMAGE_PIXELS // 1_000_000
+
+
+def load_grey(img: Image.Image, long_side: int = limits.ANALYSIS_LONG_SIDE) -> np.ndarray:
+    """Decode to a grey array no longer than ``long_side``; raises ImageError when broken."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            if img.format == "JPEG":
+                img.draft("L", (long_side, long_side))
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img.convert("RGBA"))
+            grey = img.convert("L")
+            grey.thumbnail((long_side, long_side), Image.Resampling.BILINEAR)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+            raise ImageError("image_too_many_pixels", max_megapixels=_mp()) from exc
+        except OSError as exc:
+            if "truncated" in str(exc):
+                raise ImageError("image_truncated") from exc
+            raise ImageError("image_corrupt") from exc
+        except (SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError("image_corrupt") from exc
+    return np.asarray(grey, dtype=np.float32)
+
+
+def _smooth(a: np.ndarray) -> np.ndarray:
+    b = a.copy()
+    b[1:-1, :] = (a[:-2, :] + 2 * a[1:-1, :] + a[2:, :]) / 4
+    c = b.copy()
+    c[:, 1:-1] = (b[:, :-2] + 2 * b[:, 1:-1] + b[:, 2:]) / 4
+    return c
+
+
+def _laplacian(a: np.ndarray) -> np.ndarray:
+    return a[1:-1, :-2] + a[1:-1, 2:] + a[:-2, 1:-1] + a[2:, 1:-1] - 4 * a[1:-1, 1:-1]
+
+
+def _largest_blob(mask: np.ndarray) -> int:
+    """Cells in the largest 4-connected component of a small boolean grid."""
+    seen = np.zeros_like(mask)
+    best = 0
+    rows, cols = mask.shape
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if seen[r0, c0]:
+            continue
+        size = 0
+        queue = deque([(r0, c0)])
+        seen[r0, c0] = True
+        while queue:
+            r, c = queue.popleft()
+            size += 1
+            for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= rr < rows and 0 <= cc < cols and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    queue.append((rr, cc))
+        best = max(best, size)
+    return best
+
+
+def measure(grey: np.ndarray) -> dict[str, float]:
+    """Cheap legibility measures of a grey page picture (values 0..255)."""
+    lo, p05, p50, p95, hi = (
+        float(v) for v in np.percentile(grey[::2, ::2], (0.5, 5, 50, 95, 99.5))
+    )
+    # Focus: how much of the Laplacian energy a light smoothing removes. Sharp text loses most
+    # of it (ratio well above 2); a blurred picture has little left to lose (ratio near 1).
+    # Only the busiest blocks count, so a wide empty margin does not dilute the figure.
+    lap = _laplacian(grey)
+    lap_s = _laplacian(_smooth(grey))
+    block = 32
+    h, w = (lap.shape[0] // block) * block, (lap.shape[1] // block) * block
+    e1 = (lap[:h, :w] ** 2).reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+    e2 = (lap_s[:h, :w] ** 2).reshape(h // block, block, w // block, block).mean(axis=(1, 3))
+    if e2.size:
+        busy = e2 >= np.percentile(e2, 90)
+        quiet = e2 <= np.percentile(e2, 20)  # paper: what is left there is sensor noise
+        n1, n2 = float(e1[quiet].mean()), float(e2[quiet].mean())
+        s1 = max(float(e1[busy].mean()) - n1, 0.0)
+        s2 = max(float(e2[busy].mean()) - n2, 1e-6)
+        focus = float(np.sqrt(s1 / s2)) if s1 > 0 else 0.0
+    else:
+        focus = 0.0
+    # Glare: the largest blown-out blob on a grid of 16 px cells, when the page is not white.
+    cells = grey[: (grey.shape[0] // 16) * 16, : (grey.shape[1] // 16) * 16]
+    cell_min = cells.reshape(cells.shape[0] // 16, 16, cells.shape[1] // 16, 16).min(axis=(1, 3))
+    blown = cell_min >= 250
+    glare = _largest_blob(blown) / max(blown.size, 1) if blown.mean() < 0.5 else 0.0
+    # Flatness: share of 8x8 cells with no variation at all (screenshots, clean renders).
+    c8 = grey[: (grey.shape[0] // 8) * 8, : (grey.shape[1] // 8) * 8]
+    c8 = c8.reshape(c8.shape[0] // 8, 8, c8.shape[1] // 8, 8)
+    flat = float(((c8.max(axis=(1, 3)) - c8.min(axis=(1, 3))) == 0).mean())
+    # Cut-off: ink in the outer 1.5% band on a side, compared with the page's ink overall.
+    ink = grey < (p50 - max(30.0, (p50 - lo) / 2))
+    band_r, band_c = max(2, grey.shape[0] * 3 // 200), max(2, grey.shape[1] * 3 // 200)
+    sides = (ink[:band_r], ink[-band_r:], ink[:, :band_c], ink[:, -band_c:])
+    ink_all = float(ink.mean())
+    edge_ink = max(float(s.mean()) for s in sides)
+    return {
+        "p05": p05,
+        "median": p50,
+        "p95": p95,
+        "contrast": hi - lo,  # text covers a few percent of a page: use the extremes
+        "focus": focus,
+        "glare": float(glare),
+        "flat": flat,
+        "ink": ink_all,
+        "edge_ink": edge_ink,
+    }
+
+
+def judge(
+    m: dict[str, float], width: int, height: int, *, compressed_photo: bool = False
+) -> list[Finding]:
+    """Findings from the measures; the first error found is the one the patient needs to fix."""
+    findings: list[Finding] = []
+    if min(width, height) < limits.MIN_TEXT_SIDE:
+        findings.append(
+            Finding("photo_low_resolution", Severity.ERROR, {"width": width, "height": height})
+        )
+    if m["median"] < DARK_MEDIAN and m["p95"] < 120:
+        findings.append(Finding("photo_too_dark", Severity.ERROR))
+    elif m["p05"] > WASHED_P05 and m["contrast"] < LOW_CONTRAST:
+        findings.append(Finding("photo_washed_out", Severity.ERROR))
+    elif m["contrast"] < LOW_CONTRAST:
+        findings.append(Finding("photo_low_contrast", Severity.ERROR))
+    elif m["ink"] < 0.002:
+        findings.append(Finding("image_blank", Severity.ERROR))
+    elif m["focus"] < FOCUS_REJECT:
+        findings.append(Finding("photo_blurred", Severity.ERROR))
+    if m["glare"] >= GLARE_SHARE:
+        findings.append(Finding("photo_glare", Severity.ERROR))
+    if m["edge_ink"] > max(0.02, 1.2 * m["ink"]) and m["ink"] > 0.002:
+        findings.append(Finding("photo_cut_off", Severity.NOTE))
+    errors = any(f.severity is Severity.ERROR for f in findings)
+    marginal = m["focus"] < FOCUS_MARGINAL or max(width, height) < 1600
+    if compressed_photo and (errors or marginal):
+        findings.append(Finding("photo_send_as_file", Severity.NOTE))
+    return findings
+
+
+def _exif_info(img: Image.Image) -> tuple[bool, bool]:
+    """(looks like a camera picture, says it is a screenshot)."""
+    try:
+        exif = img.getexif()
+    except Exception:  # broken EXIF is common and harmless here
+        return False, False
+    camera = bool(exif.get(0x010F) or exif.get(0x0110))  # Make, Model
+    texts: list[str] = []
+    with contextlib.suppress(Exception):  # a broken EXIF sub-directory tells nothing
+        texts.append(str(exif.get_ifd(0x8769).get(0x9286, "")))  # UserComment
+    texts.append(str(exif.get(0x0131, "")))  # Software
+    texts.append(str(img.info.get("Software", "")) + str(img.info.get("Description", "")))
+    text = " ".join(texts).lower()
+    return camera, "screenshot" in text
+
+
+def is_screenshot(img: Image.Image, m: dict[str, float], size: tuple[int, int]) -> bool:
+    camera, says = _exif_info(img)
+    if says:
+        return True
+    if camera:
+        return False
+    w, h = size
+    screen_size = (w, h) in SCREEN_SIZES or (h, w) in SCREEN_SIZES
+    lossless = img.format in ("PNG", "WEBP", "GIF", "BMP")
+    return (screen_size and (lossless or m["flat"] > 0.3)) or (lossless and m["flat"] > 0.55)
+
+
+def check_image(stream: BinaryIO, *, compressed_photo: bool = False) -> Verdict:
+    try:
+        img = open_image(stream)
+        fmt = img.format or "unknown"
+        size = img.size
+        grey = load_grey(img)
+    except ImageError as exc:
+        return verdict_from(Kind.IMAGE, [Finding(exc.code, Severity.ERROR, exc.params)])
+    m = measure(grey)
+    findings = judge(m, *size, compressed_photo=compressed_photo)
+    metadata: dict[str, Any] = {
+        "format": fmt.lower(),
+        "width": size[0],
+        "height": size[1],
+        "measures": {k: round(v, 4) for k, v in m.items()},
+    }
+    if is_screenshot(img, m, size):
+        findings = [f for f in findings if f.code not in ("photo_cut_off",)]
+        findings.append(Finding("photo_screenshot", Severity.NOTE))
+        metadata["screenshot"] = True
+    return verdict_from(Kind.IMAGE, findings, metadata)

@@ -1,0 +1,36 @@
+"""Every limit the checks enforce, in one place (sizes in bytes unless named otherwise)."""
+
+from __future__ import annotations
+
+# Images
+MAX_IMAGE_PIXELS = 64_000_000  # 64 MP: above any phone camera (48 MP sensors bin to 12 MP)
+ANALYSIS_LONG_SIDE = 1600  # legibility measures run on a copy this size
+MIN_TEXT_SIDE = 600  # shorter side below this cannot carry a page of text
+
+# PDF
+MAX_PDF_PAGES = 2000
+MAX_PAGES_ANALYSED = 30  # pages rendered for blank/scan checks; the rest are counted only
+PDF_RENDER_DPI = 40
+PDF_SCAN_DPI = 110  # scanned pages are measured at this resolution
+MAX_PDF_PAGE_PIXELS = 40_000_000  # a page rendered at PDF_SCAN_DPI larger than this is skipped
+MAX_TEXT_CHARS = 20_000  # text sampled for language detection
+
+# DICOM
+MAX_DICOM_DEPTH = 16  # sequence nesting; real files rarely exceed 4
+MAX_DICOM_ELEMENTS = 200_000
+MAX_DEFLATED_SIZE = 64 * 1024 * 1024
+MAX_DEFLATE_RATIO = 200
+MAX_FRAME_BYTES = 192 * 1024 * 1024  # one decoded frame
+
+# ZIP
+MAX_ZIP_ENTRIES = 10_000
+MAX_ZIP_TOTAL = 8 * 1024**3  # expanded size of everything (a full CD is < 1 GB)
+MAX_ZIP_MEMBER = 2 * 1024**3
+MAX_ZIP_RATIO = 100  # per entry, above 1 MiB expanded
+ZIP_RATIO_FLOOR = 1024 * 1024
+MAX_ZIP_DEPTH = 2  # a ZIP inside a ZIP is read; one more level is refused
+MAX_ZIP_NAME = 1024
+
+# Office
+MAX_OFFICE_ENTRIES = 5_000
+MAX_OFFICE_TOTAL = 512 * 1024 * 1024

@@ -1,0 +1,1 @@
+"""Shared fixtures. The intake tests have their own in tests/intake/conftest.py."""

@@ -1,0 +1,604 @@
+"""Tests for the encrypted blob vault (adapters.vault) and key handling (adapters.keys)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import random
+import shutil
+import stat
+import tracemalloc
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from adapters.keys import (
+    FieldDecryptError,
+    KeyFileError,
+    KeyUnwrapError,
+    decrypt_field,
+    encrypt_field,
+    load_or_create_master_key,
+    master_key_id,
+    new_data_key,
+    unwrap_key,
+    wrap_key,
+    wrapped_key_id,
+)
+from adapters.vault import (
+    CHUNK_OVERHEAD,
+    CHUNK_SIZE,
+    HEADER_SIZE,
+    BlobIntegrityError,
+    BlobReader,
+    InvalidBlobIdError,
+    Vault,
+)
+
+CS = CHUNK_SIZE
+STORED_CHUNK = CS + CHUNK_OVERHEAD
+MARKER = b"PATIENT-SECRET-MARKER-7f3a9c"
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Vault:
+    return Vault(tmp_path / "vault")
+
+
+@pytest.fixture
+def key() -> bytes:
+    return new_data_key()
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    """Deterministic non-repeating bytes, so a misplaced slice cannot compare equal."""
+    return random.Random(seed).randbytes(size)
+
+
+def store(vault: Vault, blob_id: str, key: bytes, data: bytes, piece: int = 65536) -> None:
+    with vault.writer(blob_id, key) as w:
+        for start in range(0, len(data), piece):
+            w.write(data[start : start + piece])
+            w.flush()
+
+
+def blob_file(vault: Vault, blob_id: str) -> Path:
+    return vault.root / "blobs" / blob_id[:2] / blob_id
+
+
+def all_files(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.is_file()]
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("size", [0, 1, CS - 1, CS, CS + 1, CS * 7 // 2])
+def test_round_trip(vault: Vault, key: bytes, size: int) -> None:
+    data = payload(size, seed=size)
+    blob_id = f"blob{size:08d}"
+    with vault.writer(blob_id, key) as w:
+        w.write(data)
+    info = w.commit()  # idempotent after the context manager committed
+    assert info.size == size
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    expected_chunks = max(1, -(-size // CS))
+    assert info.stored_size == HEADER_SIZE + expected_chunks * CHUNK_OVERHEAD + size
+    assert blob_file(vault, blob_id).stat().st_size == info.stored_size
+    assert stat.S_IMODE(blob_file(vault, blob_id).stat().st_mode) == 0o600
+
+    with vault.reader(blob_id, key) as r:
+        assert r.size == size
+        assert r.chunk_count == expected_chunks
+        assert r.read() == data
+        assert r.read(10) == b""
+    assert vault.verify(blob_id, key) == info
+    assert all_files(vault.root / "tmp") == []
+
+
+def test_round_trip_odd_write_sizes(vault: Vault, key: bytes) -> None:
+    data = payload(3 * CS + 12345)
+    rng = random.Random(5)
+    with vault.writer("oddsizes", key) as w:
+        pos = 0
+        while pos < len(data):
+            n = rng.choice([1, 7, 4096, 65536, CS - 3, CS, 2 * CS + 1])
+            assert w.write(memoryview(data)[pos : pos + n]) == len(data[pos : pos + n])
+            pos += n
+        assert w.tell() == len(data)
+    with vault.reader("oddsizes", key) as r:
+        assert r.read() == data
+
+
+def test_random_seeks_and_reads(vault: Vault, key: bytes) -> None:
+    data = payload(CS * 7 // 2, seed=9)
+    store(vault, "seektest", key, data)
+    rng = random.Random(42)
+    with vault.reader("seektest", key) as r:
+        assert r.seekable() and r.readable() and not r.writable()
+        for _ in range(300):
+            whence = rng.choice([io.SEEK_SET, io.SEEK_CUR, io.SEEK_END])
+            if whence == io.SEEK_SET:
+                target = rng.randrange(0, len(data) + 100)
+                assert r.seek(target) == target
+            elif whence == io.SEEK_CUR:
+                delta = rng.randrange(-r.tell(), len(data) - r.tell() + 50)
+                target = r.tell() + delta
+                assert r.seek(delta, io.SEEK_CUR) == target
+            else:
+                delta = -rng.randrange(0, len(data) + 1)
+                target = len(data) + delta
+                assert r.seek(delta, io.SEEK_END) == target
+            assert r.tell() == target
+            n = rng.choice([0, 1, 100, 4096, CS - 1, CS + 7, 2 * CS])
+            assert r.read(n) == data[target : target + n]
+            assert r.tell() == min(len(data), target + n) if target <= len(data) else target
+        # readinto across chunk boundaries fills the whole buffer.
+        r.seek(CS - 10)
+        buf = bytearray(CS + 20)
+        assert r.readinto(buf) == CS + 20
+        assert bytes(buf) == data[CS - 10 : 2 * CS + 10]
+        with pytest.raises(OSError):
+            r.seek(-1)
+        with pytest.raises(OSError):
+            r.seek(-len(data) - 1, io.SEEK_END)
+        r.seek(0)
+        assert io.BufferedReader(r).read() == data
+    with pytest.raises(ValueError):
+        r.read(1)
+
+
+def test_zipfile_reads_from_blob(vault: Vault, key: bytes) -> None:
+    members = {
+        "report.txt": MARKER * 1000,
+        "scan/raw.bin": payload(CS + 4321, seed=3),
+        "scan/zeros.bin": bytes(2 * CS),
+    }
+    raw = io.BytesIO()
+    with zipfile.ZipFile(raw, "w") as zf:
+        zf.writestr("report.txt", members["report.txt"], compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("scan/raw.bin", members["scan/raw.bin"], compress_type=zipfile.ZIP_STORED)
+        zf.writestr("scan/zeros.bin", members["scan/zeros.bin"], zipfile.ZIP_DEFLATED)
+    store(vault, "zipblob1", key, raw.getvalue())
+    with vault.reader("zipblob1", key) as r, zipfile.ZipFile(r) as zf:
+        assert zf.testzip() is None
+        for name in reversed(zf.namelist()):  # out of order: random access
+            assert zf.read(name) == members[name]
+
+
+def test_pydicom_reads_from_blob(vault: Vault, key: bytes) -> None:
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("CT_small.dcm")
+    assert path is not None
+    reference = pydicom.dcmread(path)
+    store(vault, "dicomblob", key, Path(path).read_bytes())
+    with vault.reader("dicomblob", key) as r:
+        ds = pydicom.dcmread(r)
+        assert ds.PatientName == reference.PatientName
+        assert ds.SOPInstanceUID == reference.SOPInstanceUID
+        assert ds.PixelData == reference.PixelData
+
+
+def test_pillow_reads_from_blob(vault: Vault, key: bytes) -> None:
+    image_mod = pytest.importorskip("PIL.Image")
+    img = image_mod.frombytes("RGB", (64, 48), payload(64 * 48 * 3))
+    raw = io.BytesIO()
+    img.save(raw, format="PNG")
+    store(vault, "pngblob01", key, raw.getvalue())
+    with vault.reader("pngblob01", key) as r, image_mod.open(r) as loaded:
+        assert loaded.size == (64, 48)
+        assert loaded.tobytes() == img.tobytes()
+
+
+def test_pypdfium2_reads_from_blob(vault: Vault, key: bytes) -> None:
+    pdfium = pytest.importorskip("pypdfium2")
+    doc = pdfium.PdfDocument.new()
+    for _ in range(3):
+        doc.new_page(595, 842)
+    raw = io.BytesIO()
+    doc.save(raw)
+    doc.close()
+    store(vault, "pdfblob01", key, raw.getvalue())
+    with vault.reader("pdfblob01", key) as r:
+        pdf = pdfium.PdfDocument(r)
+        try:
+            assert len(pdf) == 3
+        finally:
+            pdf.close()
+
+
+async def test_write_stream(vault: Vault, key: bytes) -> None:
+    data = payload(CS * 5 // 2 + 17, seed=11)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 65536):
+            yield data[start : start + 65536]
+            await asyncio.sleep(0)
+
+    info = await vault.write_stream("streamed", key, pieces())
+    assert info.size == len(data)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    with vault.reader("streamed", key) as r:
+        assert r.read() == data
+
+
+async def test_write_stream_failure_and_cancel_clean_up(vault: Vault, key: bytes) -> None:
+    async def failing() -> AsyncIterator[bytes]:
+        yield payload(CS + 5)
+        raise ConnectionError("download broke")
+
+    with pytest.raises(ConnectionError):
+        await vault.write_stream("brokenstream", key, failing())
+    assert not vault.exists("brokenstream")
+    assert all_files(vault.root) == []
+
+    started = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        piece = payload(65536)
+        while True:
+            started.set()
+            yield piece
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(vault.write_stream("cancelled", key, endless()))
+    await started.wait()
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert all_files(vault.root) == []
+
+
+# --------------------------------------------------------------------------- tampering
+
+TAMPER_DATA = payload(CS * 7 // 2, seed=77)
+
+
+@pytest.fixture
+def stored(vault: Vault, key: bytes) -> tuple[Vault, bytes, Path]:
+    store(vault, "victim01", key, TAMPER_DATA)
+    return vault, key, blob_file(vault, "victim01")
+
+
+def assert_rejected(vault: Vault, blob_id: str, key: bytes, chunk_index: int | None = None) -> None:
+    """Every way of reading the blob raises BlobIntegrityError; no plaintext escapes."""
+    with pytest.raises(BlobIntegrityError) as excinfo:
+        vault.verify(blob_id, key)
+    assert excinfo.value.blob_id == blob_id
+    if chunk_index is not None:
+        assert excinfo.value.chunk_index == chunk_index
+    assert isinstance(excinfo.value, OSError)
+    with pytest.raises(BlobIntegrityError), vault.reader(blob_id, key) as r:
+        got = r.read()
+        pytest.fail(f"read returned {len(got)} bytes from a damaged blob")
+
+
+def test_flipped_byte_in_ciphertext(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, key, path = stored
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + STORED_CHUNK + 12 + 1000] ^= 0x01  # inside chunk 1's ciphertext
+    path.write_bytes(raw)
+    assert_rejected(vault, "victim01", key, chunk_index=1)
+    # Chunks before the damage still read; the damaged one never returns bytes.
+    with vault.reader("victim01", key) as r:
+        assert r.read(CS) == TAMPER_DATA[:CS]
+        with pytest.raises(BlobIntegrityError) as excinfo:
+            r.read(10)
+        assert excinfo.value.chunk_index == 1
+
+
+@pytest.mark.parametrize("offset", [0, 4, 5, HEADER_SIZE, HEADER_SIZE + STORED_CHUNK - 1, -1])
+def test_flipped_byte_elsewhere(stored: tuple[Vault, bytes, Path], offset: int) -> None:
+    """Header, nonce, tag and the last chunk are all covered."""
+    vault, key, path = stored
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x80
+    path.write_bytes(raw)
+    assert_rejected(vault, "victim01", key)
+
+
+@pytest.mark.parametrize("cut", [1, CHUNK_OVERHEAD, CS // 2 + CHUNK_OVERHEAD + 1, CS])
+def test_truncated(stored: tuple[Vault, bytes, Path], cut: int) -> None:
+    vault, key, path = stored
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - cut)
+    with pytest.raises(BlobIntegrityError):
+        vault.reader("victim01", key)  # detected at open time
+    assert_rejected(vault, "victim01", key)
+
+
+def test_dropped_last_chunk(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, key, path = stored
+    with open(path, "r+b") as f:
+        f.truncate(HEADER_SIZE + 3 * STORED_CHUNK)  # exactly three whole chunks remain
+    with pytest.raises(BlobIntegrityError) as excinfo:
+        vault.reader("victim01", key)
+    assert excinfo.value.chunk_index == 2
+    assert_rejected(vault, "victim01", key)
+
+
+def test_header_only_and_empty_file(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, key, path = stored
+    raw = path.read_bytes()
+    path.write_bytes(raw[:HEADER_SIZE])
+    assert_rejected(vault, "victim01", key)
+    path.write_bytes(b"")
+    assert_rejected(vault, "victim01", key, chunk_index=None)
+
+
+def test_swapped_chunks(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, key, path = stored
+    raw = path.read_bytes()
+    c0 = raw[HEADER_SIZE : HEADER_SIZE + STORED_CHUNK]
+    c1 = raw[HEADER_SIZE + STORED_CHUNK : HEADER_SIZE + 2 * STORED_CHUNK]
+    path.write_bytes(raw[:HEADER_SIZE] + c1 + c0 + raw[HEADER_SIZE + 2 * STORED_CHUNK :])
+    assert_rejected(vault, "victim01", key, chunk_index=0)
+
+
+def test_blob_copied_under_another_id(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, key, path = stored
+    other = blob_file(vault, "intruder")
+    other.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, other)
+    assert_rejected(vault, "intruder", key)
+    # Same for a one-chunk blob, where only the final chunk exists.
+    store(vault, "smallone", key, MARKER)
+    shutil.copyfile(blob_file(vault, "smallone"), other)
+    assert_rejected(vault, "intruder", key)
+
+
+def test_wrong_key(stored: tuple[Vault, bytes, Path]) -> None:
+    vault, _key, _path = stored
+    with pytest.raises(BlobIntegrityError):
+        vault.reader("victim01", new_data_key())
+    assert_rejected(vault, "victim01", new_data_key())
+
+
+def test_no_plaintext_on_disk(vault: Vault, key: bytes) -> None:
+    data = (MARKER + b" Ivanova, diagnosis: ") * (CS // 20)
+    with vault.writer("markerblob", key) as w:
+        w.write(data)
+        w.write(data)  # at least one full chunk is now in the temp file
+        temp_files = all_files(vault.root / "tmp")
+        assert len(temp_files) == 1
+        assert temp_files[0].stat().st_size > CS
+        assert MARKER not in temp_files[0].read_bytes()
+    for path in all_files(vault.root):
+        content = path.read_bytes()
+        assert MARKER not in content
+        assert MARKER[:12] not in content
+    with vault.reader("markerblob", key) as r:
+        assert r.read() == data + data
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_writer_aborts_on_exception(vault: Vault, key: bytes) -> None:
+    with pytest.raises(RuntimeError), vault.writer("aborted1", key) as w:
+        w.write(payload(CS * 2 + 1))
+        raise RuntimeError("boom")
+    assert not vault.exists("aborted1")
+    assert all_files(vault.root / "blobs") == []
+    assert all_files(vault.root / "tmp") == []
+    with pytest.raises(ValueError):
+        w.write(b"more")
+    w.abort()  # idempotent
+    assert w.close() is None
+
+
+def test_writer_explicit_abort_and_gc(vault: Vault, key: bytes) -> None:
+    w = vault.writer("aborted2", key)
+    w.write(payload(CS + 1))
+    w.abort()
+    assert all_files(vault.root) == []
+    w2 = vault.writer("abandoned", key)
+    w2.write(b"x" * 100)
+    del w2  # dropped without commit: its temp file goes away, nothing is published
+    assert all_files(vault.root) == []
+
+
+def test_writer_file_protocol(vault: Vault, key: bytes) -> None:
+    w = vault.writer("protocol", key)
+    assert not w.seekable() and w.writable() and not w.readable() and not w.closed
+    w.write(b"abc")
+    w.flush()
+    info = w.close()
+    assert info is not None and info.size == 3
+    assert w.closed
+    assert w.close() == info
+    with pytest.raises(ValueError):
+        w.write(b"x")
+
+
+def test_duplicate_id_refused(vault: Vault, key: bytes) -> None:
+    store(vault, "duplicate", key, b"first")
+    with pytest.raises(FileExistsError), vault.writer("duplicate", key) as w:
+        w.write(b"second")
+    with vault.reader("duplicate", key) as r:
+        assert r.read() == b"first"
+    assert all_files(vault.root / "tmp") == []
+
+
+def test_delete_exists_iter_and_cleanup(vault: Vault, key: bytes) -> None:
+    ids = ["aa000001", "aa000002", "b-_Z0000", "zz" + "x" * 126]
+    for blob_id in ids:
+        store(vault, blob_id, key, blob_id.encode())
+    (vault.root / "blobs" / "aa" / "not.a.blob").write_bytes(b"")
+    (vault.root / "blobs" / "aa" / "zz999999").write_bytes(b"")  # wrong shard
+    assert sorted(vault.iter_blob_ids()) == sorted(ids)
+    assert vault.exists("aa000001")
+    assert vault.delete("aa000001") is True
+    assert vault.delete("aa000001") is False
+    assert not vault.exists("aa000001")
+    with pytest.raises(FileNotFoundError):
+        vault.reader("aa000001", key)
+
+    # A crashed writer leaves a temp file behind; cleanup_temp removes it.
+    crashed = vault.writer("crashed1", key)
+    crashed.write(payload(CS + 1))
+    assert len(all_files(vault.root / "tmp")) == 1
+    assert vault.cleanup_temp(older_than=3600) == 0
+    assert vault.cleanup_temp() == 1
+    assert all_files(vault.root / "tmp") == []
+    crashed.abort()  # temp already gone: still fine
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    [
+        "",
+        "short",
+        "x" * 129,
+        "../../etc/passwd",
+        "aaaa/bbbb",
+        "aaaa\\bbbb",
+        "abc.defgh",
+        "..abcdefgh",
+        "abcdefg\x00h",
+        "abcdefgh\n",
+        "ábcdefgh",
+        12345678,
+    ],
+)
+def test_bad_blob_ids_refused(vault: Vault, key: bytes, bad_id: object) -> None:
+    for call in (
+        lambda: vault.writer(bad_id, key),  # type: ignore[arg-type]
+        lambda: vault.reader(bad_id, key),  # type: ignore[arg-type]
+        lambda: vault.exists(bad_id),  # type: ignore[arg-type]
+        lambda: vault.delete(bad_id),  # type: ignore[arg-type]
+        lambda: vault.verify(bad_id, key),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(InvalidBlobIdError):
+            call()
+    assert all_files(vault.root) == []
+
+
+def test_bad_key_length_refused(vault: Vault) -> None:
+    with pytest.raises(ValueError):
+        vault.writer("goodid01", b"k" * 16)
+    with pytest.raises(ValueError):
+        vault.reader("goodid01", b"k" * 31)
+
+
+def test_reader_is_raw_io(vault: Vault, key: bytes) -> None:
+    store(vault, "rawiotest", key, b"hello")
+    with vault.reader("rawiotest", key) as r:
+        assert isinstance(r, io.RawIOBase) and isinstance(r, BlobReader)
+        assert r.read(2) == b"he"
+        assert r.readall() == b"llo"
+    assert r.closed
+
+
+def test_writer_memory_stays_bounded(vault: Vault, key: bytes) -> None:
+    piece = payload(65536, seed=123)
+    total = 64 << 20
+    tracemalloc.start()
+    try:
+        with vault.writer("bigblob1", key) as w:
+            for _ in range(total // len(piece)):
+                w.write(piece)
+                w.flush()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB"
+    info = vault.verify("bigblob1", key)
+    assert info.size == total
+    assert info.sha256 == hashlib.sha256(piece * (total // len(piece))).hexdigest()
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_master_key_created_0600_and_reloaded(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    master, created = load_or_create_master_key(path)
+    assert created is True
+    assert len(master) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().startswith("ccmk1:")
+    assert [p.name for p in tmp_path.iterdir()] == ["master.key"]  # no temp left
+    again, created_again = load_or_create_master_key(path)
+    assert (again, created_again) == (master, False)
+    assert load_or_create_master_key(path, create=False) == (master, False)
+
+
+def test_master_key_refusals(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    load_or_create_master_key(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_or_create_master_key(path)
+    os.chmod(path, 0o640)
+    with pytest.raises(KeyFileError):
+        load_or_create_master_key(path)
+
+    short = tmp_path / "short.key"
+    short.write_text("ccmk1:" + "ab" * 16 + "\n")
+    os.chmod(short, 0o600)
+    with pytest.raises(KeyFileError, match="32 bytes"):
+        load_or_create_master_key(short)
+    for bad in (b"", os.urandom(32), b"ccmk1:zz" + b"0" * 62, b"ccmk2:" + b"00" * 32):
+        short.write_bytes(bad)
+        with pytest.raises(KeyFileError):
+            load_or_create_master_key(short)
+
+    with pytest.raises(KeyFileError):
+        load_or_create_master_key(tmp_path / "missing.key", create=False)
+    with pytest.raises(KeyFileError):
+        load_or_create_master_key(tmp_path / "no" / "such" / "dir.key")
+
+
+def test_wrap_unwrap(tmp_path: Path) -> None:
+    master = load_or_create_master_key(tmp_path / "m.key")[0]
+    data_key = new_data_key()
+    assert data_key != new_data_key() and len(data_key) == 32
+    wrapped = wrap_key(master, data_key, "case-123")
+    assert wrapped != wrap_key(master, data_key, "case-123")  # random nonce
+    assert data_key not in wrapped
+    assert unwrap_key(master, wrapped, "case-123") == data_key
+    assert wrapped_key_id(wrapped) == master_key_id(master)
+    assert len(master_key_id(master)) == 8
+
+    with pytest.raises(KeyUnwrapError):
+        unwrap_key(master, wrapped, "case-124")
+    other = new_data_key()
+    with pytest.raises(KeyUnwrapError, match=master_key_id(other)):
+        unwrap_key(other, wrapped, "case-123")
+    for i in range(len(wrapped)):
+        damaged = bytearray(wrapped)
+        damaged[i] ^= 0x01
+        with pytest.raises(KeyUnwrapError):
+            unwrap_key(master, bytes(damaged), "case-123")
+    with pytest.raises(KeyUnwrapError):
+        unwrap_key(master, wrapped[:-1], "case-123")
+
+
+def test_field_encryption() -> None:
+    k = new_data_key()
+    text = "Иванова Мария, 12.03.1961 — ☤ diagnosis"
+    token = encrypt_field(k, text, "patient.name:case-1")
+    assert token.isascii() and token.startswith("f1:")
+    assert "Иванова" not in token
+    assert token != encrypt_field(k, text, "patient.name:case-1")
+    assert decrypt_field(k, token, "patient.name:case-1") == text
+    assert decrypt_field(k, encrypt_field(k, "", "c"), "c") == ""
+
+    with pytest.raises(FieldDecryptError):
+        decrypt_field(k, token, "patient.name:case-2")
+    with pytest.raises(FieldDecryptError):
+        decrypt_field(new_data_key(), token, "patient.name:case-1")
+    for bad in (token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1], "f1:", "x" + token):
+        with pytest.raises(FieldDecryptError):
+            decrypt_field(k, bad, "patient.name:case-1")
+    # A wrapped key or a field token is never accepted in the other role.
+    with pytest.raises(KeyUnwrapError):
+        unwrap_key(k, token.encode(), "patient.name:case-1")
