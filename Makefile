@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run shell test lint i18n services clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/system-packages.sh
+	bash scripts/system-packages.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

@@ -14,18 +14,19 @@ from typing import BinaryIO
 from sqlmodel import select
 
 from adapters.keyring import KeyRing
+from adapters.members import extract_members
 from adapters.store import SqlStore, new_id
-from adapters.tables import CaseRow
+from adapters.tables import CaseRow, FileRow
 from adapters.vault import Vault
 from core.model import FileRef
-from core.ports import FileSource, IncomingFile, StoredFile
+from core.ports import FileSource, IncomingFile, StoredFile, StoredMember
 from core.replies import Text
-from intake import Severity, Verdict, runner
+from intake import Kind, Severity, Verdict, runner
 
 log = logging.getLogger(__name__)
 
-# (open_stream, declared name, declared MIME, sent as a compressed photo) -> verdict
-Checker = Callable[[Callable[[], BinaryIO], str | None, str | None, bool], Verdict]
+# (open_stream, declared name, declared MIME, sent as a compressed photo, PDF password)
+Checker = Callable[[Callable[[], BinaryIO], str | None, str | None, bool, str | None], Verdict]
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,17 @@ class BlobOpener:
 
 
 def check_in_worker(
-    open_stream: Callable[[], BinaryIO], name: str | None, mime: str | None, compressed: bool
+    open_stream: Callable[[], BinaryIO],
+    name: str | None,
+    mime: str | None,
+    compressed: bool,
+    password: str | None,
 ) -> Verdict:
     """Checks run in a worker process with memory, CPU and time limits: a hostile file
     fails its own check, never the bot."""
-    return runner.check_in_worker(open_stream, name, mime, compressed_photo=compressed)
+    return runner.check_in_worker(
+        open_stream, name, mime, compressed_photo=compressed, password=password
+    )
 
 
 def blob_id_for(case_id: str, unique_id: str) -> str:
@@ -75,12 +82,28 @@ def retakeable(verdict: Verdict) -> bool:
     return bool(errors) and all(code in LEGIBILITY_CODES for code in errors)
 
 
+# Information the patient should hear too: what the scans on a CD are, what was skipped.
+PATIENT_INFO_CODES = frozenset({"study_summary", "zip_skipped_files"})
+
+
 def patient_notes(verdict: Verdict) -> tuple[Text, ...]:
-    """What the patient hears about a file: its notes and errors, never coordinator info."""
+    """What the patient hears about a file: its notes and errors, and the plain summary of
+    a CD's studies; never what is meant for the coordinator only."""
     return tuple(
         Text(f"finding.{finding.code}", dict(finding.params))
         for finding in verdict.findings
-        if finding.severity in (Severity.NOTE, Severity.ERROR)
+        if finding.severity in (Severity.NOTE, Severity.ERROR) or finding.code in PATIENT_INFO_CODES
+    )
+
+
+def file_ref(file_id: str, verdict: Verdict) -> FileRef:
+    return FileRef(
+        file_id=file_id,
+        kind=verdict.kind.value,
+        status=verdict.status.value,
+        notes=patient_notes(verdict),
+        retakeable=retakeable(verdict),
+        needs_password=any(f.code == "pdf_password_required" for f in verdict.findings),
     )
 
 
@@ -106,24 +129,42 @@ class VaultIngest:
         info = await self._vault.write_stream(blob_id, key, source.chunks(incoming))
         opener = BlobOpener(self._vault.root, blob_id, key)
         verdict = await asyncio.to_thread(
-            self._checker, opener, incoming.name, incoming.mime, incoming.compressed_photo
+            self._checker, opener, incoming.name, incoming.mime, incoming.compressed_photo, None
         )
+        members: tuple[StoredMember, ...] = ()
+        if verdict.kind is Kind.ZIP and verdict.accepted:
+            members = tuple(await asyncio.to_thread(extract_members, self._vault, blob_id, key))
         log.info(
-            "file stored case=%s blob=%s size=%d kind=%s status=%s",
+            "file stored case=%s blob=%s size=%d kind=%s status=%s members=%d",
             case_id,
             blob_id,
             info.size,
             verdict.kind.value,
             verdict.status.value,
+            len(members),
         )
-        ref = FileRef(
-            file_id=new_id(),
-            kind=verdict.kind.value,
-            status=verdict.status.value,
-            notes=patient_notes(verdict),
-            retakeable=retakeable(verdict),
+        return StoredFile(
+            file_ref(new_id(), verdict),
+            blob_id,
+            info.sha256,
+            info.size,
+            verdict.to_dict(),
+            members,
         )
-        return StoredFile(ref, blob_id, info.sha256, info.size, verdict.to_dict())
+
+    async def unlock(self, case_id: str, file_id: str, password: str) -> StoredFile | None:
+        async with self._store.session() as session:
+            row = await session.get(FileRow, file_id)
+        if row is None or row.case_id != case_id or not password:
+            return None
+        opener = BlobOpener(self._vault.root, row.blob_id, await self._case_key(case_id))
+        verdict = await asyncio.to_thread(self._checker, opener, None, row.mime, False, password)
+        if any(f.code == "pdf_password_wrong" for f in verdict.findings):
+            return None
+        return StoredFile(
+            file_ref(file_id, verdict), row.blob_id, row.sha256, row.size, verdict.to_dict()
+        )
 
     async def discard(self, stored: StoredFile) -> None:
-        await asyncio.to_thread(self._vault.delete, stored.blob_id)
+        for blob_id in [stored.blob_id, *(m.blob_id for m in stored.members)]:
+            await asyncio.to_thread(self._vault.delete, blob_id)

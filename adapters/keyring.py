@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -19,6 +22,13 @@ class KeyRing:
         self._inbox_key = HKDF(
             algorithm=hashes.SHA256(), length=32, salt=None, info=b"care-companion inbox v1"
         ).derive(master)
+        self._tombstone_key = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"care-companion tombstone v1"
+        ).derive(master)
+
+    def chat_hash(self, chat_id: int) -> str:
+        """Keyed hash of a chat id for erasure tombstones (the id itself is personal data)."""
+        return hmac.new(self._tombstone_key, str(chat_id).encode(), hashlib.sha256).hexdigest()
 
     def new_wrapped_key(self, case_id: str) -> bytes:
         data_key = keys.new_data_key()

@@ -16,8 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from adapters import audit
 from adapters.keyring import KeyRing
-from adapters.tables import CaseRow, FileRow, InboxRow, InviteRow, ItemRow, OutboxRow
+from adapters.tables import (
+    CaseRow,
+    ErasureRow,
+    FileMemberRow,
+    FileRow,
+    InboxRow,
+    InviteRow,
+    ItemRow,
+    OutboxRow,
+)
 from core.model import Case, FileRef, ItemProgress, ItemStatus, State
 from core.ports import IncomingFile, Patient, StoredFile
 from core.replies import Reply, Text
@@ -89,6 +99,7 @@ class SqlTransaction:
             consent_at=row.consent_at,
             completed_at=row.completed_at,
             completions=row.completions,
+            password_file=row.password_file,
         )
         for item in items:
             answer = None
@@ -131,6 +142,7 @@ class SqlTransaction:
         row.consent_at = case.consent_at
         row.completed_at = case.completed_at
         row.completions = case.completions
+        row.password_file = case.password_file
         row.updated_at = utcnow()
         self.session.add(row)
         existing = {
@@ -189,6 +201,81 @@ class SqlTransaction:
                 created_at=utcnow(),
             )
         )
+        await self.session.flush()  # the members point at the file row
+        for member in stored.members:
+            self.session.add(
+                FileMemberRow(
+                    id=member.member_id,
+                    file_id=stored.ref.file_id,
+                    case_id=case.id,
+                    blob_id=member.blob_id,
+                    kind=member.kind,
+                    size=member.size,
+                    sha256=member.sha256,
+                    name_enc=self.keys.encrypt_field(
+                        case.id, row.wrapped_key, member.name, "member-name"
+                    ),
+                )
+            )
+
+    async def unlock_file(self, case_id: str, stored: StoredFile, password: str) -> None:
+        """Record that a typed password opens the file: new verdict, password kept encrypted."""
+        case = await self.session.get(CaseRow, case_id)
+        row = await self.session.get(FileRow, stored.ref.file_id)
+        assert case is not None and row is not None and row.case_id == case_id
+        row.status, row.kind = stored.ref.status, stored.ref.kind
+        row.verdict_enc = self.keys.encrypt_field(
+            case_id, case.wrapped_key, json.dumps(stored.verdict), "verdict"
+        )
+        row.password_enc = self.keys.encrypt_field(case_id, case.wrapped_key, password, "password")
+        self.session.add(row)
+
+    async def erased_before(self, chat_id: int, update_id: int) -> bool:
+        """True when this update predates an erasure of the chat's case (a late duplicate)."""
+        query = select(ErasureRow.chat_hash).where(
+            ErasureRow.chat_hash == self.keys.chat_hash(chat_id),
+            col(ErasureRow.up_to_update_id) >= update_id,
+        )
+        return (await self.session.exec(query)).first() is not None
+
+    async def erase_case(self, case_id: str, up_to_update_id: int | None) -> None:
+        """Crypto-erase: destroy the case key and every readable field, leave a tombstone.
+
+        After this commit nothing of the case can be decrypted; `adapters.erasure` then
+        removes the blobs and the remaining rows (and resumes that after a crash).
+        """
+        row = await self.session.get(CaseRow, case_id)
+        if row is None:
+            return
+        row.wrapped_key, row.state = b"", "erased"
+        row.checklist_key = row.current_item = row.password_file = None
+        self.session.add(row)
+        for item in (
+            await self.session.exec(select(ItemRow).where(ItemRow.case_id == case_id))
+        ).all():
+            await self.session.delete(item)
+        for file in (
+            await self.session.exec(select(FileRow).where(FileRow.case_id == case_id))
+        ).all():
+            file.name_enc = file.password_enc = None
+            file.verdict_enc, file.unique_id, file.sha256 = "", file.id, ""
+            self.session.add(file)
+        members = select(FileMemberRow).where(FileMemberRow.case_id == case_id)
+        for member in (await self.session.exec(members)).all():
+            member.name_enc, member.sha256 = None, ""
+            self.session.add(member)
+        self.session.add(
+            ErasureRow(
+                chat_hash=self.keys.chat_hash(row.chat_id),
+                up_to_update_id=up_to_update_id or 0,
+                erased_at=utcnow(),
+            )
+        )
+        # The audit keeps only that an erasure happened, and who asked (the patient, or the
+        # retention rule); nothing of what was erased.
+        actor = "patient" if up_to_update_id is not None else "system"
+        await audit.append(self.session, actor, "case.erase", case_id)
+        self.keys.forget(case_id)
 
     async def take_invite(self, code: str, case_id: str) -> str | None:
         """The invite's procedure, binding the invite to this case on first use only."""
@@ -217,6 +304,18 @@ class SqlTransaction:
                 locale=locale,
                 payload=json.dumps(reply.to_dict(), ensure_ascii=False),
                 dedup_key=dedup_key,
+                created_at=utcnow(),
+            )
+        )
+
+    async def enqueue_deletion(self, chat_id: int, message_id: int) -> None:
+        """Queue the removal of a chat message (a patient's upload, once stored and checked)."""
+        self.session.add(
+            OutboxRow(
+                chat_id=chat_id,
+                locale="",
+                payload=json.dumps({"delete_message": message_id}),
+                dedup_key=f"delete:{chat_id}:{message_id}",
                 created_at=utcnow(),
             )
         )

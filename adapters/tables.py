@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, LargeBinary, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -26,6 +26,7 @@ class CaseRow(SQLModel, table=True):
     consent_at: datetime | None = None
     completed_at: datetime | None = None
     completions: int = 0
+    password_file: str | None = Field(default=None, max_length=32)
     wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime
     updated_at: datetime
@@ -58,7 +59,23 @@ class FileRow(SQLModel, table=True):
     verdict_enc: str = Field(sa_column=Column(Text, nullable=False))  # holds names from headers
     name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     mime: str | None = Field(default=None, max_length=128)
+    password_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime
+
+
+class FileMemberRow(SQLModel, table=True):
+    """A usable file inside an uploaded ZIP (a CD copy), stored as its own encrypted blob."""
+
+    __tablename__ = "case_file_members"
+
+    id: str = Field(primary_key=True, max_length=40)
+    file_id: str = Field(foreign_key="case_files.id", index=True, max_length=32)
+    case_id: str = Field(foreign_key="cases.id", index=True, max_length=32)
+    blob_id: str = Field(max_length=128)
+    kind: str = Field(max_length=16)
+    size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    sha256: str = Field(max_length=64)
+    name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class InviteRow(SQLModel, table=True):
@@ -69,6 +86,22 @@ class InviteRow(SQLModel, table=True):
     created_at: datetime
     case_id: str | None = Field(default=None, max_length=32)
     used_at: datetime | None = None
+
+
+class ErasureRow(SQLModel, table=True):
+    """Tombstone of an erased case: keyed hash of the chat, never the chat id itself.
+
+    Updates of that chat up to `up_to_update_id` are ignored, so a late duplicate (Telegram
+    redelivering, a retried download) cannot bring anything back; newer ones start afresh.
+    """
+
+    __tablename__ = "erasures"
+
+    chat_hash: str = Field(primary_key=True, max_length=64)
+    up_to_update_id: int = Field(
+        sa_column=Column(BigInteger, primary_key=True, autoincrement=False)
+    )
+    erased_at: datetime
 
 
 class InboxRow(SQLModel, table=True):
@@ -102,3 +135,18 @@ class OutboxRow(SQLModel, table=True):
     next_attempt_at: datetime | None = None
     created_at: datetime
     sent_at: datetime | None = None
+
+
+class AuditRow(SQLModel, table=True):
+    """Append-only, hash-chained audit trail (see adapters.audit): ids and event names only."""
+
+    __tablename__ = "audit_log"
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=32)
+    case_id: str | None = Field(default=None, max_length=32, index=True)
+    detail: str = Field(default="", max_length=200)
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.exceptions import (
     TelegramAPIError,
@@ -32,6 +34,7 @@ from aiogram.exceptions import (
 )
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from sqlalchemy import or_
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col, select
 
 from adapters.store import SqlStore, utcnow
@@ -42,6 +45,7 @@ from handlers.render import Translator
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # then an update is parked and the patient told something went wrong
+ALBUM_WAIT_S = 1.0  # how long the first part of an album waits for the others
 
 
 def backoff(attempt: int) -> float:
@@ -117,6 +121,7 @@ class InboxProcessor:
         self._on_parked = on_parked
         self._context = context
         self._handled = handled  # set after each update, so the outbox sends at once
+        self._transient: dict[int, int] = {}  # outage retries per update (not counted to park)
         self._queued: set[int] = set()
         self._queues: dict[int, deque[int]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
@@ -164,66 +169,141 @@ class InboxProcessor:
         queue = self._queues[lane]
         try:
             while queue:
-                update_id = queue[0]
-                ok = await self._process(update_id)
+                group = await self._album_group(queue)
+                ok = await self._process(group)
                 if not ok:
                     # Keep the chat's order: later updates wait for this one's retry.
                     for waiting in queue:
                         self._queued.discard(waiting)
                     queue.clear()
                     break
-                queue.popleft()
-                self._queued.discard(update_id)
+                for update_id in group:
+                    queue.remove(update_id)
+                    self._queued.discard(update_id)
         finally:
             del self._workers[lane]
             if not queue:
                 self._queues.pop(lane, None)
 
-    async def _process(self, update_id: int) -> bool:
+    async def _load(self, update_id: int) -> InboxRow | None:
         async with self._store.session() as session:
             row = await session.get(InboxRow, update_id)
-            if row is None or row.status != "new" or row.payload_enc is None:
-                return True
-            payload = self._store.keys.decrypt_inbox(update_id, row.payload_enc)
-            chat_id, attempts = row.chat_id, row.attempts
+        if row is None or row.status != "new" or row.payload_enc is None:
+            return None
+        return row
+
+    def _payload(self, row: InboxRow) -> dict[str, Any]:
+        assert row.payload_enc is not None
+        return dict(json.loads(self._store.keys.decrypt_inbox(row.update_id, row.payload_enc)))
+
+    async def _album_group(self, queue: deque[int]) -> list[int]:
+        """The head update, with the rest of its album when it is part of one.
+
+        Telegram delivers an album as separate updates sharing `media_group_id`; waiting a
+        moment after the first one lets the others arrive, so the album gets one answer.
+        """
+        head = await self._load(queue[0])
+        group_id = media_group_of(self._payload(head)) if head else None
+        if head is None or group_id is None:
+            return [queue[0]]
+        waited = (utcnow() - head.received_at).total_seconds()
+        if waited < ALBUM_WAIT_S:
+            await asyncio.sleep(ALBUM_WAIT_S - waited)
+            await self._dispatch_pending()  # queue the parts that arrived meanwhile
+        group = [queue[0]]
+        for update_id in list(queue)[1:]:
+            row = await self._load(update_id)
+            if row is None or media_group_of(self._payload(row)) != group_id:
+                break
+            group.append(update_id)
+        return group
+
+    async def _process(self, group: list[int]) -> bool:
+        rows = [row for row in [await self._load(update_id) for update_id in group] if row]
+        if not rows:
+            return True
+        head = rows[0]
         started = time.perf_counter()
         try:
-            update = Update.model_validate(json.loads(payload), context={"bot": self._bot})
-            await self._dp.feed_update(self._bot, update, update_id=update_id, **self._context)
+            updates = [
+                Update.model_validate(self._payload(row), context={"bot": self._bot})
+                for row in rows
+            ]
+            extra = {"album_updates": updates} if len(updates) > 1 else {}
+            await self._dp.feed_update(
+                self._bot, updates[0], update_id=head.update_id, **extra, **self._context
+            )
         except Exception as exc:  # any handler failure is retried, then parked
-            return await self._failed(update_id, chat_id, attempts + 1, exc)
+            return await self._failed(head.update_id, head.chat_id, head.attempts, exc)
         async with self._store.transaction() as tx:
-            if not await tx.update_seen(update_id):  # an update no handler took
-                await tx.mark_update(update_id, chat_id)
+            for row in rows:
+                if not await tx.update_seen(row.update_id):  # an update no handler took
+                    await tx.mark_update(row.update_id, row.chat_id)
+        self._transient.pop(head.update_id, None)
         log.info(
-            "update handled update=%s ms=%.1f", update_id, (time.perf_counter() - started) * 1000
+            "update handled update=%s ms=%.1f",
+            head.update_id,
+            (time.perf_counter() - started) * 1000,
         )
+        if self._handled is not None:
+            self._handled.set()
         return True
 
     async def _failed(
         self, update_id: int, chat_id: int | None, attempts: int, exc: Exception
     ) -> bool:
-        parked = attempts >= MAX_ATTEMPTS
+        """Schedule a retry. Outages (network, Bot API 5xx, database restarting, disk full)
+        wait and resume however long they last; other errors are parked after a few tries."""
+        transient = is_transient(exc)
+        if transient:
+            self._transient[update_id] = self._transient.get(update_id, 0) + 1
+            delay = backoff(self._transient[update_id])
+        else:
+            attempts += 1
+            delay = backoff(attempts)
+        parked = not transient and attempts >= MAX_ATTEMPTS
         log.warning(
-            "update failed update=%s attempt=%d error=%s%s",
+            "update failed update=%s attempt=%d transient=%s error=%s%s",
             update_id,
             attempts,
+            transient,
             type(exc).__name__,
             " (parked)" if parked else "",
-            exc_info=not isinstance(exc, TelegramAPIError),
+            exc_info=not (transient or isinstance(exc, TelegramAPIError)),
         )
         async with self._store.session() as session:
             row = await session.get(InboxRow, update_id)
             if row is not None and row.status == "new":
                 row.attempts = attempts
                 row.error = type(exc).__name__[:200]
-                row.next_attempt_at = utcnow() + timedelta(seconds=backoff(attempts))
+                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
                 if parked:
                     row.status = "parked"
                 session.add(row)
         if parked:
             await self._on_parked(chat_id)
         return False
+
+
+def media_group_of(payload: dict[str, Any]) -> str | None:
+    message = payload.get("message")
+    return str(message["media_group_id"]) if message and "media_group_id" in message else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Failures that say "not now" rather than "never": retried without limit."""
+    if isinstance(
+        exc,
+        TelegramNetworkError | TelegramServerError | TelegramRetryAfter | TimeoutError,
+    ):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return True
+    if isinstance(exc, aiohttp.ClientError | ConnectionError):
+        return True
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError)
+    )
 
 
 class _RateLimiter:
@@ -261,12 +341,20 @@ class _RateLimiter:
 
 class OutboxSender:
     def __init__(
-        self, bot: Bot, store: SqlStore, translator: Translator, wake: asyncio.Event
+        self,
+        bot: Bot,
+        store: SqlStore,
+        translator: Translator,
+        wake: asyncio.Event,
+        protected_chats: frozenset[int] = frozenset(),
     ) -> None:
         self._bot = bot
         self._store = store
         self._translator = translator
         self._wake = wake
+        # Chats that receive case contents (coordinators): what is sent there cannot be
+        # forwarded or saved (protect_content).
+        self._protected = protected_chats
         self._limiter = _RateLimiter()
         self._lanes: dict[int, asyncio.Task[None]] = {}
 
@@ -327,7 +415,11 @@ class OutboxSender:
         assert row.id is not None
         await self._limiter.wait_turn(row.chat_id)
         try:
-            await self._deliver(row.chat_id, row.locale, Reply.from_dict(json.loads(row.payload)))
+            payload = json.loads(row.payload)
+            if "delete_message" in payload:
+                await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
+            else:
+                await self._deliver(row.chat_id, row.locale, Reply.from_dict(payload))
         except TelegramRetryAfter as exc:
             log.warning("429 from Telegram chat_lane=%s retry_after=%s", row.id, exc.retry_after)
             await self._reschedule(row.id, float(exc.retry_after), count=False)
@@ -357,7 +449,12 @@ class OutboxSender:
             )
         for index, text in enumerate(rendered.texts):
             last = index == len(rendered.texts) - 1
-            await self._bot.send_message(chat_id, text, reply_markup=markup if last else None)
+            await self._bot.send_message(
+                chat_id,
+                text,
+                reply_markup=markup if last else None,
+                protect_content=chat_id in self._protected or None,
+            )
 
     async def _reschedule(self, outbox_id: int, delay: float, count: bool) -> None:
         async with self._store.session() as session:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from adapters.database import create_engine
+from adapters.erasure import Eraser
 from adapters.ingest import VaultIngest, check_in_worker
 from adapters.keyring import KeyRing
 from adapters.keys import load_or_create_master_key
@@ -40,6 +41,7 @@ class App:
     checklists: dict[str, Checklist]
     locales: tuple[str, ...]
     service: ConversationService
+    eraser: Eraser
 
     def context(self) -> Context:
         return Context(
@@ -79,6 +81,7 @@ def build_app(settings: Settings) -> App:
         raise RuntimeError("no compiled catalogs in locales/: run `make setup` (pybabel compile)")
     checklists = load_all()
     ingest = VaultIngest(vault, store, keys, check_in_worker)
+    eraser = Eraser(store, vault)
     app_holder: list[App] = []
     service = ConversationService(
         store,
@@ -86,7 +89,9 @@ def build_app(settings: Settings) -> App:
         lambda: app_holder[0].context(),
         Coordinator(settings.coordinator_chat_id, settings.coordinator_locale),
         settings.default_locale if settings.default_locale in locales else locales[0],
+        eraser,
+        delete_uploads=settings.delete_upload_messages,
     )
-    app = App(settings, store, vault, translator, checklists, locales, service)
+    app = App(settings, store, vault, translator, checklists, locales, service, eraser)
     app_holder.append(app)
     return app

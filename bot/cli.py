@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bot.settings import Settings, SettingsError, load_settings
 
@@ -33,6 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="check files as the bot would (folders and ZIPs expand)")
     check.add_argument("paths", nargs="+")
     check.add_argument("--json", action="store_true")
+    keys = sub.add_parser("keys", help="master key operations")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = keys_sub.add_parser(
+        "rotate",
+        help="re-wrap every case key under a new master key (stop the bot first; resumable)",
+    )
+    rotate.add_argument("--new-key-file", type=Path, help="use this key instead of generating one")
+    rotate.add_argument(
+        "--accept-failures", action="store_true", help="swap the key file even if some rows failed"
+    )
+    sub.add_parser("verify", help="check every stored file's integrity against its record")
+    audit = sub.add_parser("audit", help="print a case's audit trail (and check the chain)")
+    audit.add_argument("case_id")
     cases = sub.add_parser("cases", help="list, show and invite cases")
     cases_sub = cases.add_subparsers(dest="cases_command", required=True)
     listing = cases_sub.add_parser("list")
@@ -71,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "migrate":
         print("database schema is up to date")
         return 0
+    if args.command == "keys":
+        return asyncio.run(_rotate(args, settings))
     return asyncio.run(_async_main(args, settings))
 
 
@@ -89,9 +105,40 @@ async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
 
             await run_shell(app)
             return 0
+        if args.command == "verify":
+            from adapters.keyops import verify_all
+
+            report = await verify_all(app.store, app.vault, app.store.keys)
+            print(report.format())
+            return 0 if report.ok else 1
+        if args.command == "audit":
+            from adapters import audit
+
+            print(audit.format_entries(await audit.entries(app.store, args.case_id)))
+            problems = await audit.verify_chain(app.store)
+            for problem in problems:
+                print(f"TAMPERING: {problem}", file=sys.stderr)
+            return 1 if problems else 0
         return await _cases(args, app)
     finally:
         await app.close()
+
+
+async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from adapters.keyops import rotate_master_key_file
+    from adapters.keys import KeyHandlingError
+
+    try:
+        result = await rotate_master_key_file(
+            settings.key_file,
+            settings.db_url,
+            args.new_key_file,
+            accept_failures=args.accept_failures,
+        )
+    except KeyHandlingError as exc:
+        print(f"care-companion: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result.ok else 1
 
 
 async def _cases(args: argparse.Namespace, app: object) -> int:

@@ -10,16 +10,20 @@ import signal
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import TelegramAPIError
 from aiogram.types import BotCommand
 
+from adapters.directory import CaseDirectory, button_secret
+from adapters.keys import load_or_create_master_key
 from adapters.telegram import InboxProcessor, OutboxSender, Poller, parked_notice
 from bot.app import App, build_app
 from bot.settings import Settings
-from handlers import patient
+from handlers import coordinator, patient
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("start", "status", "language", "help", "privacy")
+COMMANDS = ("start", "status", "language", "help", "privacy", "delete")
+RETENTION_EVERY_S = 3600.0
 
 
 def make_bot(settings: Settings) -> Bot:
@@ -49,6 +53,10 @@ async def run_polling(settings: Settings) -> None:
     app = build_app(settings)
     bot = make_bot(settings)
     dispatcher = Dispatcher()
+    # Coordinators first: their commands fall through to the patient router for anyone else.
+    dispatcher.include_router(
+        coordinator.build_router(frozenset(settings.coordinator_ids), settings.coordinator_chat_id)
+    )
     dispatcher.include_router(patient.build_router())
     inbox_wake, outbox_wake = asyncio.Event(), asyncio.Event()
 
@@ -63,26 +71,53 @@ async def run_polling(settings: Settings) -> None:
         outbox_wake.set()
 
     file_source = patient.TelegramFileSource(bot, settings.local_path_map)
+    master, _ = load_or_create_master_key(settings.key_file, create=False)
+    coordinator_desk = CaseDirectory(
+        app.store,
+        app.store.keys,
+        button_secret(master),
+        checklists=app.checklists,
+        locale=settings.coordinator_locale,
+    )
     processor = InboxProcessor(
         bot,
         dispatcher,
         app.store,
         inbox_wake,
         on_parked,
-        {"service": app.service, "file_source": file_source},
+        {"service": app.service, "file_source": file_source, "coordinator_desk": coordinator_desk},
         handled=outbox_wake,
     )
-    sender = OutboxSender(bot, app.store, app.translator, outbox_wake)
+    coordinator_chats = frozenset(settings.coordinator_ids) | frozenset(
+        [settings.coordinator_chat_id] if settings.coordinator_chat_id is not None else []
+    )
+    sender = OutboxSender(bot, app.store, app.translator, outbox_wake, coordinator_chats)
     poller = Poller(bot, app.store, inbox_wake, patient.ALLOWED_UPDATES)
+
+    async def retention() -> None:
+        while True:
+            erased = await app.service.erase_expired(settings.retention_days)
+            if erased:
+                log.info("retention erased %d case(s)", erased)
+                outbox_wake.set()
+            await asyncio.sleep(RETENTION_EVERY_S)
+
+    resumed = await app.eraser.finish_pending()
+    if resumed:
+        log.info("finished %d interrupted erasure(s)", resumed)
     try:
         me = await bot.get_me()
         log.info("connected to the Bot API as bot id=%s", me.id)
         await bot.delete_webhook(drop_pending_updates=False)
-        await set_commands(bot, app)
+        try:
+            await set_commands(bot, app)
+        except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
+            log.warning("could not set the command menu: %s", type(exc).__name__)
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(poller.run(), name="poller"),
             asyncio.create_task(processor.run(), name="inbox"),
             asyncio.create_task(sender.run(), name="outbox"),
+            asyncio.create_task(retention(), name="retention"),
         ]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

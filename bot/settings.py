@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _TOKEN = re.compile(r"^\d{1,20}:[A-Za-z0-9_-]{1,100}$")
@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     default_locale: str = "en"
     coordinator_locale: str = "en"
     privacy_version: str = "2026-11"
+    retention_days: int = Field(default=365, ge=1, le=36500)
+    delete_upload_messages: bool = False
     log_level: str = "INFO"
 
     @field_validator("coordinator_ids", mode="before")

@@ -33,6 +33,7 @@ _COMMANDS = {
     "/help": EventKind.HELP,
     "/privacy": EventKind.PRIVACY,
     "/language": EventKind.LANGUAGE_MENU,
+    "/delete": EventKind.DELETE_REQUEST,
 }
 
 

@@ -20,6 +20,7 @@ from core.events import (
     CaseCompleted,
     ConsentGiven,
     DomainEvent,
+    ErasureRequested,
     Event,
     EventKind,
     FileRejected,
@@ -182,6 +183,7 @@ _STATUS_MARKS: Final = {
 
 def _advance(case: Case, ctx: Context, out: Outcome) -> None:
     """Move to the next open item, or complete the case when nothing required is open."""
+    case.password_file = None  # a password only ever belongs to the item it was asked for
     checklist = _checklist(case, ctx)
     keys = checklist.item_keys
     start = keys.index(case.current_item) + 1 if case.current_item in keys else 0
@@ -243,6 +245,19 @@ def _begin_collecting(case: Case, ctx: Context, out: Outcome) -> None:
     _advance(case, ctx, out)
 
 
+def _resume_after_consent(case: Case, ctx: Context, out: Outcome) -> None:
+    """Back to where the patient was before a new privacy notice interrupted them."""
+    if case.current_item is not None and case.progress(case.current_item).status.is_open:
+        case.state = State.COLLECTING
+        out.replies.append(_item_prompt(case, ctx))
+    elif any(p.status.is_open for p in case.items.values()):
+        case.state = State.COLLECTING
+        _advance(case, ctx, out)
+    else:  # everything was already in: complete again, without a second alert
+        case.state = State.COMPLETE
+        out.replies.append(_complete_message())
+
+
 def _agree(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     case.consent_version = ctx.privacy_version
     case.consent_at = ctx.now
@@ -251,8 +266,16 @@ def _agree(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     if case.checklist_key is None:
         case.state = State.PROCEDURE
         out.replies.append(_procedure_prompt(ctx))
+    elif case.items and any(p.status is not ItemStatus.PENDING for p in case.items.values()):
+        _resume_after_consent(case, ctx, out)
     else:
         _begin_collecting(case, ctx, out)
+
+
+def _consent_outdated(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    case.state = State.CONSENT
+    out.replies.append(reply(Text("consent.new_version")))
+    out.replies.append(_consent_prompt(ctx))
 
 
 def _decline(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -291,7 +314,7 @@ def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         out.replies.append(reply(Text("file.accepted_after_retakes")))
     progress.files.append(file)
     progress.status = ItemStatus.RECEIVED
-    notes = file.notes if file.status == "noted" else ()
+    notes = file.notes  # notes of an accepted file: a CD's study summary, "send as File"...
     if len(progress.files) >= item.max_files:
         progress.status = ItemStatus.DONE
         out.events.append(ItemResolved(case.id, item.key, ItemStatus.DONE.value))
@@ -313,6 +336,11 @@ def _kinds_params(item: ChecklistItem, file: FileRef) -> dict[str, object]:
 
 
 def _reject(case: Case, item: ChecklistItem, file: FileRef, out: Outcome, why: Text) -> None:
+    if file.needs_password:  # the next typed message is tried as its password
+        case.password_file = file.file_id
+        out.events.append(FileRejected(case.id, item.key, file.file_id))
+        out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item)))
+        return
     case.progress(item.key).rejected_uploads += 1
     out.events.append(FileRejected(case.id, item.key, file.file_id))
     out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item)))
@@ -329,6 +357,17 @@ def _text(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         return
     case.progress(item.key).answer = answer
     _resolve(case, ItemStatus.DONE, ctx, out, "item.answer_saved")
+
+
+def _password(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """The service tried the typed text as the PDF's password; `event.file` is set if it opened."""
+    item = _current(case, ctx)
+    if event.file is None:
+        out.replies.append(reply(Text("file.password_wrong"), buttons=_item_buttons(case, item)))
+        return
+    case.password_file = None
+    out.replies.append(reply(Text("file.password_accepted")))
+    _file(case, Event(EventKind.FILE, file=event.file), ctx, out)
 
 
 def _done(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -386,7 +425,34 @@ def _help(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
 
 
 def _privacy(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
-    out.replies.append(reply(Text("privacy.notice", {"version": Verbatim(ctx.privacy_version)})))
+    buttons: tuple[tuple[Button, ...], ...] = ()
+    if case.consent_version is not None:  # withdrawing consent offers the same erasure
+        buttons = ((Button(Text("button.withdraw"), EventKind.DELETE_REQUEST),),)
+    notice = Text("privacy.notice", {"version": Verbatim(ctx.privacy_version)})
+    out.replies.append(reply(notice, buttons=buttons))
+
+
+def _delete_request(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(
+        reply(
+            Text("delete.ask"),
+            buttons=(
+                (Button(Text("button.delete_confirm"), EventKind.DELETE_CONFIRM),),
+                (Button(Text("button.delete_cancel"), EventKind.DELETE_CANCEL),),
+            ),
+        )
+    )
+
+
+def _delete_confirm(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    case.state = State.ERASED
+    out.events.append(ErasureRequested(case.id))
+    out.replies.append(reply(Text("delete.done")))
+
+
+def _delete_cancel(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    out.replies.append(reply(Text("delete.cancelled")))
+    out.replies.append(prompt_for(case, ctx))
 
 
 def _unsupported(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -422,7 +488,7 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (State.NEW, EventKind.START): Transition(_start, _stay(State.CONSENT)),
     (State.CONSENT, EventKind.START): Transition(_start, _stay(State.CONSENT)),
     (State.CONSENT, EventKind.AGREE): Transition(
-        _agree, frozenset({State.PROCEDURE, State.COLLECTING})
+        _agree, frozenset({State.PROCEDURE, State.COLLECTING, State.COMPLETE})
     ),
     (State.CONSENT, EventKind.DECLINE): Transition(_decline, _stay(State.CONSENT)),
     (State.PROCEDURE, EventKind.START): Transition(
@@ -434,10 +500,21 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (State.COLLECTING, EventKind.START): Transition(_start, _stay(State.COLLECTING)),
     (State.COLLECTING, EventKind.FILE): Transition(_file, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.TEXT): Transition(_text, _COLLECT_OR_DONE),
+    (State.COLLECTING, EventKind.UNLOCK_TRIED): Transition(_password, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.DONE): Transition(_done, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.SKIP): Transition(_skip, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.DONT_HAVE): Transition(_dont_have, _COLLECT_OR_DONE),
     (State.COMPLETE, EventKind.START): Transition(_start, _stay(State.COMPLETE)),
+    # A new privacy notice version: consent again before anything else (see `handle`).
+    (State.PROCEDURE, EventKind.CONSENT_OUTDATED): Transition(
+        _consent_outdated, _stay(State.CONSENT)
+    ),
+    (State.COLLECTING, EventKind.CONSENT_OUTDATED): Transition(
+        _consent_outdated, _stay(State.CONSENT)
+    ),
+    (State.COMPLETE, EventKind.CONSENT_OUTDATED): Transition(
+        _consent_outdated, _stay(State.CONSENT)
+    ),
     # In every state: menus and information change the language at most, never the step.
     (ANY, EventKind.LANGUAGE_MENU): Transition(_language_menu, _GREETS),
     (ANY, EventKind.CHOOSE_LANGUAGE): Transition(_choose_language, _GREETS),
@@ -445,6 +522,10 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (ANY, EventKind.HELP): Transition(_help, _GREETS),
     (ANY, EventKind.PRIVACY): Transition(_privacy, _GREETS),
     (ANY, EventKind.UNSUPPORTED): Transition(_unsupported, _GREETS),
+    # Erasure: asked and confirmed in any state; the service then crypto-erases the case.
+    (ANY, EventKind.DELETE_REQUEST): Transition(_delete_request, _GREETS),
+    (ANY, EventKind.DELETE_CONFIRM): Transition(_delete_confirm, _stay(State.ERASED)),
+    (ANY, EventKind.DELETE_CANCEL): Transition(_delete_cancel, _GREETS),
     # Anything else out of place is answered and the current step shown again.
     (ANY, EventKind.AGREE): Transition(_not_now, _GREETS),
     (ANY, EventKind.DECLINE): Transition(_not_now, _GREETS),
@@ -454,15 +535,52 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (ANY, EventKind.DONE): Transition(_not_now, _GREETS),
     (ANY, EventKind.SKIP): Transition(_not_now, _GREETS),
     (ANY, EventKind.DONT_HAVE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.CONSENT_OUTDATED): Transition(_not_now, _GREETS),
+    (ANY, EventKind.UNLOCK_TRIED): Transition(_not_now, _GREETS),
 }
+
+
+def arrows() -> list[tuple[str, str, str]]:
+    """The table as diagram arrows (source, target, event): what docs/state-machine.md draws.
+
+    `ANY` rows that keep the state are drawn `any --> any`; others to their targets.
+    """
+    drawn = []
+    for (state, kind), transition in TRANSITIONS.items():
+        if state == ANY:
+            targets = ["any"] if transition.targets == _GREETS else sorted(transition.targets)
+            drawn += [("any", str(target), kind.value) for target in targets]
+        else:
+            drawn += [
+                (str(state), target.value, kind.value) for target in sorted(transition.targets)
+            ]
+    return drawn
 
 
 def transition_for(state: State, kind: EventKind) -> Transition:
     return TRANSITIONS.get((state, kind)) or TRANSITIONS[(ANY, kind)]
 
 
+# Events a patient may still use while asked to consent again to a new notice.
+_ALLOWED_BEFORE_RECONSENT = frozenset(
+    {EventKind.LANGUAGE_MENU, EventKind.CHOOSE_LANGUAGE, EventKind.HELP, EventKind.PRIVACY}
+)
+
+
+def _needs_new_consent(case: Case, event: Event, ctx: Context) -> bool:
+    return (
+        case.state in (State.PROCEDURE, State.COLLECTING, State.COMPLETE)
+        and case.consent_version != ctx.privacy_version
+        and event.kind not in _ALLOWED_BEFORE_RECONSENT
+    )
+
+
 def handle(case: Case, event: Event, ctx: Context) -> Outcome:
     """Apply one event to the case (mutating it) and return what to say and announce."""
+    if case.state is State.ERASED:  # terminal: the service removes the case in the same commit
+        return Outcome()
+    if _needs_new_consent(case, event, ctx):
+        event = Event(EventKind.CONSENT_OUTDATED)
     transition = transition_for(case.state, event.kind)
     before = case.state
     out = Outcome()
@@ -472,12 +590,17 @@ def handle(case: Case, event: Event, ctx: Context) -> Outcome:
     return out
 
 
+def awaiting_password(case: Case) -> str | None:
+    """The file id of a protected PDF whose password the next typed message is tried as."""
+    return case.password_file if case.state is State.COLLECTING else None
+
+
 def upload_target(case: Case, ctx: Context) -> ChecklistItem | None:
     """The item an incoming file would count toward, or None when no upload is wanted now.
 
     Nothing is downloaded before consent, and not for an item that takes a typed answer.
     """
-    if case.state is not State.COLLECTING or case.consent_version is None:
+    if case.state is not State.COLLECTING or case.consent_version != ctx.privacy_version:
         return None
     item = _current(case, ctx)
     return None if item.is_text_answer else item

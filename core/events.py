@@ -24,6 +24,12 @@ class EventKind(StrEnum):
     HELP = "help"
     PRIVACY = "privacy"
     UNSUPPORTED = "unsupported"  # a sticker, voice note, location...: nothing we can use
+    # A typed password was tried on the protected PDF (the event's file is set if it opened).
+    UNLOCK_TRIED = "unlock_tried"
+    DELETE_REQUEST = "delete_request"  # /delete, or withdrawing consent
+    DELETE_CONFIRM = "delete_confirm"
+    DELETE_CANCEL = "delete_cancel"
+    CONSENT_OUTDATED = "consent_outdated"  # the privacy notice changed since consent (see handle)
 
 
 # Events a button may carry; anything else in callback data is ignored as forged or stale.
@@ -38,6 +44,9 @@ BUTTON_EVENTS = frozenset(
         EventKind.SKIP,
         EventKind.DONT_HAVE,
         EventKind.STATUS,
+        EventKind.DELETE_REQUEST,
+        EventKind.DELETE_CONFIRM,
+        EventKind.DELETE_CANCEL,
     }
 )
 
@@ -70,6 +79,11 @@ class ItemResolved(DomainEvent):
 class FileRejected(DomainEvent):
     item_key: str
     file_id: str
+
+
+@dataclass(frozen=True)
+class ErasureRequested(DomainEvent):
+    """The patient confirmed deletion: the service destroys the case key and every record."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ class State(StrEnum):
     PROCEDURE = "procedure"
     COLLECTING = "collecting"
     COMPLETE = "complete"
+    ERASED = "erased"  # the patient asked to delete everything; the service crypto-erases it
 
 
 class ItemStatus(StrEnum):
@@ -40,6 +41,7 @@ class FileRef:
     status: str  # intake.Status value: accepted, noted or rejected
     notes: tuple[Text, ...] = ()  # what the patient should hear about this file
     retakeable: bool = False  # rejected for legibility: a retake may fix it
+    needs_password: bool = False  # a protected PDF: the patient may type its password
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Case:
     consent_at: datetime | None = None
     completed_at: datetime | None = None
     completions: int = 0  # how many times the case became complete (one alert each)
+    password_file: str | None = None  # a protected PDF of the current item awaiting its password
     items: dict[str, ItemProgress] = field(default_factory=dict)
 
     def progress(self, key: str) -> ItemProgress:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from core.model import Case, FileRef
@@ -30,6 +31,19 @@ class IncomingFile:
     mime: str | None
     size: int | None
     compressed_photo: bool = False
+    message_id: int | None = None  # the chat message carrying it (deleted after intake if set)
+
+
+@dataclass(frozen=True)
+class StoredMember:
+    """A usable file unpacked from an uploaded ZIP into its own blob."""
+
+    member_id: str
+    blob_id: str
+    name: str
+    kind: str
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,7 @@ class StoredFile:
     sha256: str
     size: int
     verdict: dict[str, object]  # intake.Verdict.to_dict(), kept for the coordinator
+    members: tuple[StoredMember, ...] = ()  # for a ZIP: its usable files, each its own blob
 
 
 class Transaction(Protocol):
@@ -56,6 +71,10 @@ class Transaction(Protocol):
         self, case: Case, item_key: str, incoming: IncomingFile, stored: StoredFile
     ) -> None: ...
     async def take_invite(self, code: str, case_id: str) -> str | None: ...
+    async def unlock_file(self, case_id: str, stored: StoredFile, password: str) -> None: ...
+    async def erased_before(self, chat_id: int, update_id: int) -> bool: ...
+    async def enqueue_deletion(self, chat_id: int, message_id: int) -> None: ...
+    async def erase_case(self, case_id: str, up_to_update_id: int | None) -> None: ...
     async def enqueue(
         self, chat_id: int, locale: str, reply: Reply, dedup_key: str | None = None
     ) -> None: ...
@@ -74,6 +93,17 @@ class FileIngest(Protocol):
 
     async def discard(self, stored: StoredFile) -> None:
         """Remove a blob that turned out to duplicate one already recorded."""
+
+    async def unlock(self, case_id: str, file_id: str, password: str) -> StoredFile | None:
+        """Check a protected PDF again with a typed password; None if it does not open."""
+
+
+class Erasure(Protocol):
+    """Removes what is left of a crypto-erased case (blobs, rows); idempotent."""
+
+    async def finish(self, case_id: str) -> None: ...
+
+    async def expired_cases(self, retention_days: int, now: datetime) -> list[tuple[str, int]]: ...
 
 
 class FileSource(Protocol):

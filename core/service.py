@@ -8,14 +8,23 @@ Replies go to the outbox in that same transaction; the channel sends them afterw
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core import engine
 from core.engine import Context
-from core.events import CaseCompleted, DomainEvent, Event, EventKind
-from core.model import Case
-from core.ports import FileIngest, FileSource, IncomingFile, Patient, Store, Transaction
+from core.events import CaseCompleted, DomainEvent, ErasureRequested, Event, EventKind
+from core.model import Case, State
+from core.ports import (
+    Erasure,
+    FileIngest,
+    FileSource,
+    IncomingFile,
+    Patient,
+    Store,
+    StoredFile,
+    Transaction,
+)
 from core.replies import Lines, Reply, Text, Verbatim, reply
 
 log = logging.getLogger(__name__)
@@ -35,9 +44,15 @@ class ConversationService:
         context: Callable[[], Context],
         coordinator: Coordinator,
         default_locale: str,
+        erasure: Erasure,
+        delete_uploads: bool = False,
     ) -> None:
         self._store = store
         self._ingest = ingest
+        self._erasure = erasure
+        # DELETE_UPLOAD_MESSAGES: remove the patient's message once its file is in the vault,
+        # so the record does not linger in the Telegram chat.
+        self._delete_uploads = delete_uploads
         self._context = context
         self._coordinator = coordinator
         self._default_locale = default_locale
@@ -57,14 +72,61 @@ class ConversationService:
         """Apply an event for a patient's case; no-op when the update was handled before."""
         ctx = self._context()
         async with self._store.transaction() as tx:
-            if update_id is not None and await tx.update_seen(update_id):
+            if await self._already_handled(tx, patient, update_id):
                 return
             case = await self._case(tx, patient, ctx)
-            if event.kind is EventKind.START and event.arg:
-                event = Event(EventKind.START, await tx.take_invite(event.arg, case.id) or "")
-            await self._apply(tx, case, event, ctx)
+            locked_file = engine.awaiting_password(case)
+            if event.kind is EventKind.TEXT and locked_file is not None:
+                case_id = case.id  # the text is tried as the PDF's password, outside this tx
+            else:
+                locked_file = None
+                if event.kind is EventKind.START and event.arg:
+                    invite = await tx.take_invite(event.arg, case.id)
+                    event = Event(EventKind.START, invite or "")
+                erased = await self._apply(tx, case, event, ctx, update_id)
+                if update_id is not None:
+                    await tx.mark_update(update_id, patient.chat_id)
+        if locked_file is not None:
+            await self._try_password(patient, case_id, locked_file, event.arg, update_id)
+            return
+        for erased_id in erased:  # the key is gone; now remove blobs and rows
+            await self._erasure.finish(erased_id)
+
+    async def _try_password(
+        self, patient: Patient, case_id: str, file_id: str, password: str, update_id: int | None
+    ) -> None:
+        """Open the protected PDF with the typed text (in a worker), then let the engine judge.
+
+        The password is kept only encrypted with the case, beside the file it opens.
+        """
+        ctx = self._context()
+        unlocked = await self._ingest.unlock(case_id, file_id, password.strip())
+        async with self._store.transaction() as tx:
+            if await self._already_handled(tx, patient, update_id):
+                return
+            case = await self._case(tx, patient, ctx)
+            if unlocked is not None:
+                await tx.unlock_file(case.id, unlocked, password.strip())
+            ref = unlocked.ref if unlocked is not None else None
+            await self._apply(tx, case, Event(EventKind.UNLOCK_TRIED, file=ref), ctx)
             if update_id is not None:
                 await tx.mark_update(update_id, patient.chat_id)
+
+    async def erase_expired(self, retention_days: int) -> int:
+        """Erase complete cases closed more than `retention_days` ago, as /delete would."""
+        ctx = self._context()
+        erased = 0
+        for case_id, chat_id in await self._erasure.expired_cases(retention_days, ctx.now):
+            async with self._store.transaction() as tx:
+                case = await tx.load_case(chat_id)
+                if case is None or case.id != case_id or case.state is not State.COMPLETE:
+                    continue
+                await tx.erase_case(case.id, None)
+                await tx.enqueue(chat_id, case.locale, reply(Text("retention.erased")))
+                await self._notify(tx, case, ErasureRequested(case.id), ctx)
+            await self._erasure.finish(case_id)
+            erased += 1
+        return erased
 
     async def handle_file(
         self, patient: Patient, incoming: IncomingFile, source: FileSource, update_id: int | None
@@ -77,7 +139,7 @@ class ConversationService:
         """
         ctx = self._context()
         async with self._store.transaction() as tx:
-            if update_id is not None and await tx.update_seen(update_id):
+            if await self._already_handled(tx, patient, update_id):
                 return
             case = await self._case(tx, patient, ctx)
             target = engine.upload_target(case, ctx)
@@ -93,7 +155,7 @@ class ConversationService:
         stored = await self._ingest.ingest(case_id, incoming, source)
         recorded = False
         async with self._store.transaction() as tx:
-            if update_id is not None and await tx.update_seen(update_id):
+            if await self._already_handled(tx, patient, update_id):
                 return
             case = await self._case(tx, patient, ctx)
             same_content = await tx.find_file(case.id, incoming.unique_id, stored.sha256)
@@ -103,21 +165,119 @@ class ConversationService:
                 await tx.add_file(case, item_key, incoming, stored)
                 await self._apply(tx, case, Event(EventKind.FILE, file=stored.ref), ctx)
                 recorded = True
+                await self._forget_upload(tx, patient, incoming)
             if update_id is not None:
                 await tx.mark_update(update_id, patient.chat_id)
         if not recorded:  # the same bytes under another Telegram id: keep one copy only
             await self._ingest.discard(stored)
 
-    async def _apply(self, tx: Transaction, case: Case, event: Event, ctx: Context) -> None:
+    async def handle_album(
+        self,
+        patient: Patient,
+        files: Sequence[tuple[IncomingFile, int | None]],
+        source: FileSource,
+    ) -> None:
+        """Several files sent together (a Telegram album): stored and checked one by one,
+        recorded in one transaction, answered with one message."""
+        ctx = self._context()
+        async with self._store.transaction() as tx:
+            fresh = [
+                (incoming, update_id)
+                for incoming, update_id in files
+                if not await self._already_handled(tx, patient, update_id)
+            ]
+            if not fresh:
+                return
+            case = await self._case(tx, patient, ctx)
+            wanted = engine.upload_target(case, ctx) is not None
+            case_id = case.id
+            known = {
+                incoming.unique_id
+                for incoming, _ in fresh
+                if await tx.find_file(case.id, incoming.unique_id, None) is not None
+            }
+        stored: list[tuple[IncomingFile, StoredFile | None]] = []
+        for incoming, _ in fresh:
+            if not wanted or incoming.unique_id in known:
+                stored.append((incoming, None))
+            else:
+                stored.append((incoming, await self._ingest.ingest(case_id, incoming, source)))
+        discard: list[StoredFile] = []
+        async with self._store.transaction() as tx:
+            if await self._already_handled(tx, patient, fresh[0][1]):
+                return
+            case = await self._case(tx, patient, ctx)
+            replies: list[Reply] = []
+            events: list[DomainEvent] = []
+            for incoming, file in stored:
+                target = engine.upload_target(case, ctx)
+                duplicate = file is None and wanted
+                if file is not None and (
+                    target is None or await tx.find_file(case.id, incoming.unique_id, file.sha256)
+                ):
+                    discard.append(file)
+                    file, duplicate = None, target is not None
+                if file is not None and target is not None:
+                    await tx.add_file(case, target.key, incoming, file)
+                    await self._forget_upload(tx, patient, incoming)
+                event = Event(EventKind.FILE, file=file.ref if file else None, duplicate=duplicate)
+                outcome = engine.handle(case, event, ctx)
+                replies += outcome.replies
+                events += outcome.events
+            await tx.save_case(case)
+            await tx.enqueue(case.chat_id, case.locale, merge_album_replies(replies))
+            for domain_event in events:
+                await self._notify(tx, case, domain_event, ctx)
+            for _, update_id in fresh:
+                if update_id is not None:
+                    await tx.mark_update(update_id, patient.chat_id)
+        for file in discard:
+            await self._ingest.discard(file)
+
+    async def _forget_upload(
+        self, tx: Transaction, patient: Patient, incoming: IncomingFile
+    ) -> None:
+        if self._delete_uploads and incoming.message_id is not None:
+            await tx.enqueue_deletion(patient.chat_id, incoming.message_id)
+
+    async def _already_handled(
+        self, tx: Transaction, patient: Patient, update_id: int | None
+    ) -> bool:
+        """A replayed update, or one from before the chat's case was erased: ignore it."""
+        if update_id is None:
+            return False
+        if await tx.update_seen(update_id):
+            return True
+        if await tx.erased_before(patient.chat_id, update_id):
+            await tx.mark_update(update_id, None)
+            return True
+        return False
+
+    async def _apply(
+        self, tx: Transaction, case: Case, event: Event, ctx: Context, update_id: int | None = None
+    ) -> list[str]:
+        """Apply the event; returns the ids of cases it crypto-erased (finished after commit)."""
+        erased: list[str] = []
         outcome = engine.handle(case, event, ctx)
         await tx.save_case(case)
         for message in merge_replies(outcome.replies):
             await tx.enqueue(case.chat_id, case.locale, message)
         for domain_event in outcome.events:
             await self._notify(tx, case, domain_event, ctx)
+            if isinstance(domain_event, ErasureRequested):
+                await tx.erase_case(case.id, update_id)
+                erased.append(case.id)
+        return erased
 
     async def _notify(self, tx: Transaction, case: Case, event: DomainEvent, ctx: Context) -> None:
         log.info("event %s case=%s", type(event).__name__, case.id)
+        if isinstance(event, ErasureRequested) and self._coordinator.chat_id is not None:
+            await tx.enqueue(
+                self._coordinator.chat_id,
+                self._coordinator.locale,
+                reply(Text("coordinator.case_erased", {"case_id": Verbatim(case.id)})),
+                dedup_key=f"case-erased:{case.id}",
+            )
         if isinstance(event, CaseCompleted) and self._coordinator.chat_id is not None:
             await tx.enqueue(
                 self._coordinator.chat_id,
@@ -144,6 +304,21 @@ def merge_replies(replies: list[Reply]) -> list[Reply]:
     if pending:
         merged.append(Reply(pending))
     return merged
+
+
+def merge_album_replies(replies: list[Reply]) -> Reply:
+    """One answer for an album: every part once (repeated acknowledgements collapse to the
+    last, which carries the final count), and the buttons of the last reply."""
+    parts: list[Text | Lines] = []
+    for message in replies:
+        for part in message.parts:
+            previous = parts[-1] if parts else None
+            if isinstance(part, Text) and isinstance(previous, Text) and part.key == previous.key:
+                parts[-1] = part
+                continue
+            parts.append(part)
+    buttons = next((r.buttons for r in reversed(replies) if r.buttons), ())
+    return Reply(tuple(parts), buttons)
 
 
 def case_ready_alert(case: Case, ctx: Context) -> Reply:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiogram import Bot, F, Router
 from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import Command, CommandObject, CommandStart
-from aiogram.types import CallbackQuery, Message
+from aiogram.types import CallbackQuery, Message, Update
 
 from core.events import BUTTON_EVENTS, Event, EventKind
 from core.ports import IncomingFile, Patient
@@ -31,6 +31,7 @@ _COMMANDS = {
     "help": EventKind.HELP,
     "privacy": EventKind.PRIVACY,
     "language": EventKind.LANGUAGE_MENU,
+    "delete": EventKind.DELETE_REQUEST,
 }
 
 
@@ -51,7 +52,12 @@ def incoming_file(message: Message) -> IncomingFile | None:
     if message.document is not None:
         doc = message.document
         return IncomingFile(
-            doc.file_unique_id, doc.file_id, doc.file_name, doc.mime_type, doc.file_size
+            doc.file_unique_id,
+            doc.file_id,
+            doc.file_name,
+            doc.mime_type,
+            doc.file_size,
+            message_id=message.message_id,
         )
     if message.photo:
         photo = message.photo[-1]  # Telegram lists sizes smallest first
@@ -62,6 +68,7 @@ def incoming_file(message: Message) -> IncomingFile | None:
             "image/jpeg",
             photo.file_size,
             compressed_photo=True,
+            message_id=message.message_id,
         )
     return None
 
@@ -123,7 +130,19 @@ def build_router() -> Router:
         service: ConversationService,
         file_source: TelegramFileSource,
         update_id: int,
+        album_updates: list[Update] | None = None,
     ) -> None:
+        if message.bot is not None:  # "typing..." while the file downloads and is checked
+            with contextlib.suppress(TelegramAPIError):
+                await message.bot.send_chat_action(message.chat.id, "typing")
+        if album_updates:  # the inbox processor grouped the parts of one album
+            files = [
+                (found, update.update_id)
+                for update in album_updates
+                if update.message and (found := incoming_file(update.message))
+            ]
+            await service.handle_album(_patient(message), files, file_source)
+            return
         incoming = incoming_file(message)
         assert incoming is not None
         await service.handle_file(_patient(message), incoming, file_source, update_id)

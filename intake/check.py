@@ -36,13 +36,16 @@ def check(
     declared_mime: str | None = None,
     *,
     compressed_photo: bool = False,
+    password: str | None = None,
     _depth: int = 0,
 ) -> Verdict:
     """Judge one file by its content. Never raises for a bad file: a bad file is a verdict.
 
     ``compressed_photo`` tells that the picture came as a Telegram photo (recompressed), so a
-    marginal one is answered with "send it as a File". MemoryError is let through on purpose:
-    the worker runner turns it into ``check_failed`` and recycles the process.
+    marginal one is answered with "send it as a File". ``password`` opens a protected PDF
+    (the patient typed it after a `pdf_password_required` verdict). MemoryError is let
+    through on purpose: the worker runner turns it into ``check_failed`` and recycles the
+    process.
     """
     del declared_name, declared_mime  # kept for the coordinator's view; never used to judge
     try:
@@ -52,7 +55,7 @@ def check(
         if size == 0:
             return verdict_from(Kind.OTHER, [Finding("file_empty", Severity.ERROR)])
         kind = sniff(stream)
-        return _dispatch(stream, kind, compressed_photo, _depth)
+        return _dispatch(stream, kind, compressed_photo, _depth, password)
     except MemoryError:
         raise
     except _PARSER_ERRORS as exc:
@@ -61,11 +64,13 @@ def check(
         )
 
 
-def _dispatch(stream: BinaryIO, kind: Kind, compressed_photo: bool, depth: int) -> Verdict:
+def _dispatch(
+    stream: BinaryIO, kind: Kind, compressed_photo: bool, depth: int, password: str | None = None
+) -> Verdict:
     if kind is Kind.PDF:
         from intake.pdf import check_pdf
 
-        return check_pdf(stream)
+        return check_pdf(stream, password)
     if kind is Kind.DICOM:
         from intake.dicom import check_dicom
 

@@ -126,21 +126,27 @@ def _active_content(doc: pdfium.PdfDocument) -> list[Finding]:
     return findings
 
 
-def check_pdf(stream: BinaryIO) -> Verdict:
+def check_pdf(stream: BinaryIO, password: str | None = None) -> Verdict:
+    """Check a PDF; with `password`, open it with the password the patient typed."""
     try:
-        doc = _open(stream)
+        doc = _open(stream, password or None)
     except pdfium.PdfiumError as exc:
         code = getattr(exc, "err_code", None)
         if code == _ERR_PASSWORD:
-            return verdict_from(Kind.PDF, [Finding("pdf_password_required", Severity.ERROR)])
+            wrong = "pdf_password_wrong" if password else "pdf_password_required"
+            return verdict_from(Kind.PDF, [Finding(wrong, Severity.ERROR)])
         if code == _ERR_SECURITY:
             return verdict_from(Kind.PDF, [Finding("pdf_unsupported_security", Severity.ERROR)])
         return verdict_from(Kind.PDF, [Finding("pdf_corrupt", Severity.ERROR)])
     try:
-        return _check_document(doc)
+        verdict = _check_document(doc)
     finally:
         with contextlib.suppress(Exception):
             doc.close()
+    if password:  # the coordinator needs to know the hospital will need it too
+        kept = Finding("pdf_password_kept", Severity.INFO)
+        return Verdict(verdict.kind, verdict.status, (*verdict.findings, kept), verdict.metadata)
+    return verdict
 
 
 def _check_document(doc: pdfium.PdfDocument) -> Verdict:

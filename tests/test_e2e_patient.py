@@ -27,7 +27,12 @@ async def emulator() -> AsyncIterator[BotApiEmulator]:
 @pytest.fixture
 def bot(emulator: BotApiEmulator, tmp_path: Path) -> BotProcess:
     emulator.user(COORDINATOR, first_name="Coordinator")
-    process = BotProcess(emulator, tmp_path, coordinator_chat_id=COORDINATOR)
+    process = BotProcess(
+        emulator,
+        tmp_path,
+        coordinator_chat_id=COORDINATOR,
+        extra_env={"COORDINATOR_IDS": str(COORDINATOR)},
+    )
     yield process
     process.stop()
     assert "Traceback" not in process.log(), process.log()[-3000:]
@@ -104,6 +109,17 @@ async def test_patient_completes_the_default_checklist(
     assert items["lab_results"]["status"] == "dont_have"
     assert items["reports"]["status"] == "skipped"
     assert items["medications"]["status"] == "done" and items["medications"]["has_answer"]
+
+    # The coordinator browses in their private chat; the patient typing the same gets help.
+    coordinator = PatientDriver(emulator, emulator.users[COORDINATOR])
+    coordinator.say("/cases")
+    listing = await coordinator.expect(case_id[:8])
+    await coordinator.tap("Open")
+    view = await coordinator.expect("Referral letter")
+    assert case_id in view["text"] and listing["params"].get("protect_content")
+    patient.say("/cases")
+    answer = await patient.expect("/status")
+    assert case_id not in answer["text"]
     assert emulator.confirmed_update_id >= max(
         u["update_id"] for u in emulator.pending_updates() or [{"update_id": 0}]
     )
@@ -129,3 +145,24 @@ async def test_kill_between_items_resumes_at_the_same_item(
     items = {item["key"]: item for item in view["items"]}
     assert len(items["referral"]["files"]) == 1 and len(items["imaging"]["files"]) == 1
     assert view["complete"] is True
+
+
+async def test_album_gets_one_answer(emulator: BotApiEmulator, bot: BotProcess) -> None:
+    """Three pages sent as one album: three files stored, one reply."""
+    await started(bot, emulator)
+    patient = PatientDriver(emulator, emulator.user(5003, first_name="Cy", language_code="en"))
+    patient.say("/start")
+    await patient.tap("I agree")
+    await patient.tap("General medical review")
+    await patient.expect("Step 1 of 7")
+    patient._begin()
+    emulator.send_album(
+        patient.user,
+        [(pdf_bytes([f"Referral page {n}"]), f"page{n}.pdf", "application/pdf") for n in range(3)],
+    )
+    answer = await patient.expect("3 file(s) so far")
+    await asyncio.sleep(2.5)  # any second answer would have arrived by now
+    later = [e for e in emulator.events[patient.mark :] if e.get("chat_id") == 5003]
+    assert [e["message_id"] for e in later if e["event"] == "sent"] == [answer["message_id"]]
+    view = bot.cli_json("cases", "show", bot.cli_json("cases", "list")[0]["case_id"])
+    assert len(view["items"][0]["files"]) == 3

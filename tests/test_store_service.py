@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,191 @@ async def test_unreadable_file_is_rejected_with_reason(app: App, tmp_path: Path)
     assert last is not None and "finding.unsupported_type" in last.payload
     assert (await _load(app, 21)).progress("referral").files == []
     assert json.loads(last.payload)["buttons"]
+
+
+async def test_locked_pdf_opens_with_the_typed_password(app: App, tmp_path: Path) -> None:
+    """The password is checked against the file in the worker and kept only encrypted."""
+    from reportlab.lib.pdfencrypt import StandardEncryption
+    from reportlab.pdfgen import canvas
+
+    patient = Patient(31, 31, "en")
+    for update_id, event in enumerate(
+        [
+            Event(EventKind.START, ""),
+            Event(EventKind.AGREE),
+            Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        ],
+        1,
+    ):
+        await app.service.handle(patient, event, update_id)
+    locked = tmp_path / "locked.pdf"
+    pdf = canvas.Canvas(str(locked), encrypt=StandardEncryption("Tulip-4471", canPrint=1))
+    pdf.drawString(72, 720, "Referral letter")
+    pdf.save()
+    await send(app, patient, locked, 10)
+    assert (await _load(app, 31)).password_file is not None
+    await app.service.handle(patient, Event(EventKind.TEXT, "wrong-one"), 11)
+    assert (await _load(app, 31)).progress("referral").files == []
+    await app.service.handle(patient, Event(EventKind.TEXT, "Tulip-4471"), 12)
+    case = await _load(app, 31)
+    assert case.password_file is None and len(case.progress("referral").files) == 1
+    async with app.store.session() as session:
+        row = (await session.exec(select(FileRow))).one()
+        texts = [r.payload for r in (await session.exec(select(OutboxRow))).all()]
+    assert row.password_enc and "Tulip-4471" not in row.password_enc
+    assert any("file.password_wrong" in t for t in texts)
+    assert any("file.password_accepted" in t for t in texts)
+
+
+async def _walk_to_complete(app: App, patient: Patient, tmp_path: Path, first_update: int) -> int:
+    referral = tmp_path / f"ref{first_update}.pdf"
+    referral.write_bytes(pdf_bytes([f"Referral {first_update}"]))
+    photo = tmp_path / f"id{first_update}.jpg"
+    photo.write_bytes(document_photo(f"Passport {first_update}"))
+    update = first_update
+    for step in [
+        Event(EventKind.START),
+        Event(EventKind.AGREE),
+        Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        referral,
+        Event(EventKind.DONE, "referral"),
+        dicom_path(),
+        Event(EventKind.DONE, "imaging"),
+        Event(EventKind.SKIP, "reports"),
+        Event(EventKind.SKIP, "lab_results"),
+        Event(EventKind.TEXT, SECRET_ANSWER),
+        Event(EventKind.SKIP, "past_records"),
+        photo,
+        Event(EventKind.DONE, "identity"),
+    ]:
+        if isinstance(step, Path):
+            await send(app, patient, step, update)
+        else:
+            await app.service.handle(patient, step, update)
+        update += 1
+    return update
+
+
+async def test_delete_crypto_erases_and_a_late_duplicate_brings_nothing_back(
+    app: App, tmp_path: Path
+) -> None:
+    patient = Patient(41, 41, "en")
+    update = await _walk_to_complete(app, patient, tmp_path, 100)
+    assert await count(app, FileRow) == 3
+    await app.service.handle(patient, Event(EventKind.DELETE_REQUEST), update)
+    await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), update + 1)
+    assert await count(app, CaseRow) == 0 and await count(app, FileRow) == 0
+    assert list(app.vault.iter_blob_ids()) == []
+    # Telegram redelivers an old update carrying a file, and an old text answer:
+    late = tmp_path / "late.pdf"
+    late.write_bytes(pdf_bytes(["late"]))
+    await send(app, patient, late, 103)
+    await app.service.handle(patient, Event(EventKind.TEXT, SECRET_ANSWER), 109)
+    assert await count(app, CaseRow) == 0 and list(app.vault.iter_blob_ids()) == []
+    async with app.store.session() as session:
+        notices = [
+            r for r in (await session.exec(select(OutboxRow))).all() if "case_erased" in r.payload
+        ]
+    assert len(notices) == 1 and notices[0].chat_id == COORDINATOR
+    # Writing again later starts a fresh case.
+    await app.service.handle(patient, Event(EventKind.START), update + 2)
+    assert await count(app, CaseRow) == 1
+
+
+async def test_retention_erases_cases_closed_long_ago(app: App, tmp_path: Path) -> None:
+    old, recent = Patient(51, 51, "en"), Patient(52, 52, "en")
+    await _walk_to_complete(app, old, tmp_path, 200)
+    await _walk_to_complete(app, recent, tmp_path, 300)
+    async with app.store.session() as session:
+        row = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 51))).one()
+        row.completed_at = row.completed_at - timedelta(days=400)  # type: ignore[operator]
+        session.add(row)
+    assert await app.service.erase_expired(365) == 1
+    async with app.store.session() as session:
+        chats = [r.chat_id for r in (await session.exec(select(CaseRow))).all()]
+    assert chats == [52]
+    assert await count(app, FileRow) == 3 and len(list(app.vault.iter_blob_ids())) == 3
+
+
+async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path: Path) -> None:
+    patient = Patient(61, 61, "en")
+    for update_id, event in enumerate(
+        [
+            Event(EventKind.START),
+            Event(EventKind.AGREE),
+            Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        ],
+        1,
+    ):
+        await app.service.handle(patient, event, update_id)
+    pages = []
+    for number in range(3):
+        page = tmp_path / f"page{number}.pdf"
+        page.write_bytes(pdf_bytes([f"Referral page {number}"]))
+        pages.append((local_incoming(page), 10 + number))
+    outbox_before = await count(app, OutboxRow)
+    await app.service.handle_album(patient, pages, LocalFileSource())
+    await app.service.handle_album(patient, pages, LocalFileSource())  # redelivered: no-op
+    assert await count(app, FileRow) == 3
+    assert await count(app, OutboxRow) == outbox_before + 1
+    async with app.store.session() as session:
+        last = (await session.exec(select(OutboxRow).order_by(OutboxRow.id.desc()))).first()  # type: ignore[union-attr]
+    assert last is not None and last.payload.count("file.received") == 1
+    assert '"count": 3' in last.payload
+
+
+async def test_zip_members_become_their_own_encrypted_blobs(app: App, tmp_path: Path) -> None:
+    """A CD copied and zipped: each scan inside is its own blob, byte-identical, verified,
+    and erased with the case; viewer programs are not kept."""
+    import zipfile
+
+    from adapters.keyops import verify_all
+    from adapters.tables import FileMemberRow
+
+    patient = Patient(81, 81, "en")
+    for update_id, event in enumerate(
+        [
+            Event(EventKind.START),
+            Event(EventKind.AGREE),
+            Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        ],
+        1,
+    ):
+        await app.service.handle(patient, event, update_id)
+    await app.service.handle(patient, Event(EventKind.DONT_HAVE, "referral"), 4)
+    scans = {"DICOM/IMG0001": dicom_path(), "DICOM/IMG0002": dicom_path("MR_small.dcm")}
+    cd = tmp_path / "cd.zip"
+    with zipfile.ZipFile(cd, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, path in scans.items():
+            archive.write(path, name)
+        archive.writestr("VIEWER/viewer.exe", b"MZ\x90\x00" + b"\x00" * 2000)
+        archive.writestr("AUTORUN.INF", "[autorun]\nopen=viewer.exe\n")
+    await send(app, patient, cd, 5)
+    async with app.store.session() as session:
+        members = (await session.exec(select(FileMemberRow))).all()
+    assert sorted(m.kind for m in members) == ["dicom", "dicom"]
+    async with app.store.session() as session:
+        answer = (await session.exec(select(OutboxRow).order_by(OutboxRow.id.desc()))).first()  # type: ignore[union-attr]
+    # The patient hears what the CD holds, in plain words, and that the viewer was skipped.
+    assert answer is not None and answer.payload.count("finding.study_summary") == 2
+    assert "finding.zip_skipped_files" in answer.payload
+    key = app.store.keys.case_key(members[0].case_id, await _wrapped(app, members[0].case_id))
+    originals = sorted(path.read_bytes() for path in scans.values())
+    with_reader = []
+    for member in members:
+        with app.vault.reader(member.blob_id, key) as reader:
+            with_reader.append(reader.read())
+    assert sorted(with_reader) == originals
+    assert all(m.name_enc and "IMG000" not in m.name_enc for m in members)
+    report = await verify_all(app.store, app.vault, app.store.keys)
+    assert report.ok and report.files_checked == 3
+    await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), 6)
+    assert list(app.vault.iter_blob_ids()) == []
+    assert await count(app, FileMemberRow) == 0
+
+
+async def _wrapped(app: App, case_id: str) -> bytes:
+    async with app.store.session() as session:
+        row = await session.get(CaseRow, case_id)
+    assert row is not None
+    return row.wrapped_key

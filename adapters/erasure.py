@@ -1,0 +1,67 @@
+"""Finishing erasures: remove the blobs and rows of crypto-erased cases; retention.
+
+The erasure itself (key destroyed, tombstone written) commits in the patient's own
+transaction (`SqlTransaction.erase_case`). What is left here is idempotent and safe to
+repeat after a kill at any point: blobs first, then their rows, then the case row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+
+from sqlmodel import col, select
+
+from adapters.store import SqlStore
+from adapters.tables import CaseRow, FileMemberRow, FileRow
+from adapters.vault import Vault
+
+log = logging.getLogger(__name__)
+
+
+class Eraser:
+    def __init__(self, store: SqlStore, vault: Vault) -> None:
+        self._store = store
+        self._vault = vault
+
+    async def finish(self, case_id: str) -> None:
+        files = select(FileRow).where(FileRow.case_id == case_id)
+        members = select(FileMemberRow).where(FileMemberRow.case_id == case_id)
+        async with self._store.session() as session:
+            blob_ids = [row.blob_id for row in (await session.exec(files)).all()]
+            blob_ids += [row.blob_id for row in (await session.exec(members)).all()]
+        for blob_id in blob_ids:
+            await asyncio.to_thread(self._vault.delete, blob_id)
+        async with self._store.session() as session:
+            for member in (await session.exec(members)).all():
+                await session.delete(member)
+            await session.flush()
+            for file in (await session.exec(files)).all():
+                await session.delete(file)
+            await session.flush()
+            case = await session.get(CaseRow, case_id)
+            if case is not None and case.state == "erased":
+                await session.delete(case)
+        log.info("erasure finished case=%s blobs=%d", case_id, len(blob_ids))
+
+    async def finish_pending(self) -> int:
+        """Complete every erasure a crash interrupted (run at start)."""
+        async with self._store.session() as session:
+            pending = list(
+                (await session.exec(select(CaseRow.id).where(CaseRow.state == "erased"))).all()
+            )
+        for case_id in pending:
+            await self.finish(case_id)
+        return len(pending)
+
+    async def expired_cases(self, retention_days: int, now: datetime) -> list[tuple[str, int]]:
+        """(case id, chat id) of complete cases closed more than `retention_days` ago."""
+        cutoff = now - timedelta(days=retention_days)
+        async with self._store.session() as session:
+            rows = await session.exec(
+                select(CaseRow.id, CaseRow.chat_id)
+                .where(CaseRow.state == "complete")
+                .where(col(CaseRow.completed_at) < cutoff)
+            )
+            return [(case_id, chat_id) for case_id, chat_id in rows.all()]

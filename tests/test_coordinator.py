@@ -1,0 +1,471 @@
+"""The coordinator's /cases, /case and "open" buttons, fed as real aiogram updates.
+
+A Dispatcher holds the coordinator router then the patient router, as the bot does; the
+store is a real database (SQLite file and PostgreSQL). Replies land in the outbox table;
+the Bot's session records API calls and answers only answerCallbackQuery, so a handler
+that tried to send anything directly would fail the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiogram import Bot, Dispatcher
+from aiogram.client.session.base import BaseSession
+from aiogram.exceptions import TelegramNetworkError
+from aiogram.methods import AnswerCallbackQuery, TelegramMethod
+from aiogram.types import Update
+from babel.messages.pofile import read_po
+from sqlmodel import col, func, select
+
+from adapters import audit
+from adapters.directory import CaseDirectory, button_secret
+from adapters.keys import load_or_create_master_key
+from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
+from bot.app import App, build_app, prepare
+from bot.settings import Settings
+from bot.shell import LocalFileSource, local_incoming
+from core.coordination import (
+    CALLBACK_DATA_MAX,
+    LIST_LIMIT,
+    CaseList,
+    CaseSummary,
+    cases_reply,
+    dynamic_keys,
+    parse_open_arg,
+)
+from core.events import Event, EventKind
+from core.ports import Patient
+from core.replies import Reply
+from handlers import coordinator, patient
+from tests.files import dicom_path, document_photo, pdf_bytes
+from tests.services import fresh_postgres_database
+
+COORDINATOR = 900_001  # in COORDINATOR_IDS
+COORDINATOR_CHAT = -100_500  # COORDINATOR_CHAT_ID
+UNRELATED_GROUP = -100_777
+DONE_PATIENT = 4242  # a complete case
+WAITING_PATIENT = 4343  # a case still collecting
+STRANGER = 5555  # never talked to the bot
+GROUP_MEMBER = 6666  # in the coordinators' chat, not in COORDINATOR_IDS
+TOKEN = "123456789:AAFakeTokenForCoordinatorTests000"
+ENGLISH = Path(__file__).resolve().parent.parent / "locales" / "en" / "LC_MESSAGES" / "messages.po"
+
+
+class RecordingSession(BaseSession):
+    """A Bot API that is not there: records every call, answers only callback queries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[TelegramMethod[Any]] = []
+
+    async def make_request(
+        self, bot: Bot, method: TelegramMethod[Any], timeout: int | None = None
+    ) -> Any:
+        self.calls.append(method)
+        if isinstance(method, AnswerCallbackQuery):
+            return True
+        raise TelegramNetworkError(method=method, message="no network in this test")
+
+    async def stream_content(
+        self,
+        url: str,
+        headers: dict[str, Any] | None = None,
+        timeout: int = 30,
+        chunk_size: int = 65536,
+        raise_for_status: bool = True,
+    ) -> AsyncGenerator[bytes, None]:
+        raise TelegramNetworkError(method=AnswerCallbackQuery(callback_query_id="-"), message="")
+        yield b""  # pragma: no cover  # makes this an async generator
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass
+class World:
+    app: App
+    desk: CaseDirectory
+    bot: Bot
+    session: RecordingSession
+    dispatcher: Dispatcher
+    done_case: str
+    waiting_case: str
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(10_000))
+
+    async def feed(self, update: Update) -> None:
+        await self.dispatcher.feed_update(
+            self.bot,
+            update,
+            service=self.app.service,
+            file_source=patient.TelegramFileSource(self.bot),
+            update_id=update.update_id,
+            coordinator_desk=self.desk,
+        )
+
+    def message(self, user_id: int, chat_id: int, text: str) -> Update:
+        return message_update(next(self.ids), user_id, chat_id, text)
+
+    def press(self, user_id: int, chat_id: int, data: str) -> Update:
+        return callback_update(next(self.ids), user_id, chat_id, data)
+
+    def answers(self) -> list[AnswerCallbackQuery]:
+        return [c for c in self.session.calls if isinstance(c, AnswerCallbackQuery)]
+
+
+def _chat(chat_id: int) -> dict[str, Any]:
+    if chat_id > 0:
+        return {"id": chat_id, "type": "private", "first_name": "Someone"}
+    return {"id": chat_id, "type": "supergroup", "title": "Some group"}
+
+
+def message_update(update_id: int, user_id: int, chat_id: int, text: str) -> Update:
+    command = text.split(maxsplit=1)[0]
+    payload = {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": int(time.time()),
+            "chat": _chat(chat_id),
+            "from": {"id": user_id, "is_bot": False, "first_name": "Someone"},
+            "text": text,
+            "entities": [{"type": "bot_command", "offset": 0, "length": len(command)}],
+        },
+    }
+    return Update.model_validate(payload)
+
+
+def callback_update(update_id: int, user_id: int, chat_id: int, data: str) -> Update:
+    payload = {
+        "update_id": update_id,
+        "callback_query": {
+            "id": f"q{update_id}",
+            "from": {"id": user_id, "is_bot": False, "first_name": "Someone"},
+            "chat_instance": str(chat_id),
+            "data": data,
+            "message": {
+                "message_id": 1,
+                "date": int(time.time()),
+                "chat": _chat(chat_id),
+                "from": {"id": 123456789, "is_bot": True, "first_name": "Bot"},
+                "text": "an earlier list",
+            },
+        },
+    }
+    return Update.model_validate(payload)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'cc.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
+
+
+async def _complete_case(app: App, tmp_path: Path, chat_id: int) -> None:
+    who = Patient(chat_id=chat_id, user_id=chat_id, language_code="en")
+    referral = tmp_path / "referral.pdf"
+    referral.write_bytes(pdf_bytes(["Referral"]))
+    photo = tmp_path / "id.jpg"
+    photo.write_bytes(document_photo())
+    steps: list[Event | Path] = [
+        Event(EventKind.START),
+        Event(EventKind.AGREE),
+        Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        referral,
+        Event(EventKind.DONE, "referral"),
+        dicom_path(),
+        Event(EventKind.DONE, "imaging"),
+        Event(EventKind.SKIP, "reports"),
+        Event(EventKind.DONT_HAVE, "lab_results"),
+        Event(EventKind.TEXT, "none"),
+        Event(EventKind.SKIP, "past_records"),
+        photo,
+        Event(EventKind.DONE, "identity"),
+    ]
+    for update_id, step in enumerate(steps, start=chat_id * 100):
+        if isinstance(step, Path):
+            incoming = local_incoming(step)
+            await app.service.handle_file(who, incoming, LocalFileSource(), update_id)
+        else:
+            await app.service.handle(who, step, update_id)
+
+
+async def _case_id(app: App, chat_id: int) -> str:
+    async with app.store.session() as session:
+        row = (await session.exec(select(CaseRow).where(CaseRow.chat_id == chat_id))).one()
+    return row.id
+
+
+@pytest.fixture
+async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        coordinator_chat_id=COORDINATOR_CHAT,
+        coordinator_ids=(COORDINATOR,),
+    )
+    await asyncio.to_thread(prepare, settings)
+    app = build_app(settings)
+    await _complete_case(app, tmp_path, DONE_PATIENT)
+    waiting = Patient(WAITING_PATIENT, WAITING_PATIENT, "en")
+    for update_id, event in enumerate(
+        [Event(EventKind.START), Event(EventKind.AGREE), Event(EventKind.CHOOSE_PROCEDURE, "ivf")],
+        start=900,
+    ):
+        await app.service.handle(waiting, event, update_id)
+    master, _ = load_or_create_master_key(settings.key_file, create=False)
+    desk = CaseDirectory(
+        app.store,
+        app.store.keys,
+        button_secret(master),
+        checklists=app.checklists,
+        locale=settings.coordinator_locale,
+    )
+    session = RecordingSession()
+    bot = Bot(TOKEN, session=session)
+    dispatcher = Dispatcher()
+    dispatcher.include_router(
+        coordinator.build_router(frozenset(settings.coordinator_ids), COORDINATOR_CHAT)
+    )
+    dispatcher.include_router(patient.build_router())
+    yield World(
+        app,
+        desk,
+        bot,
+        session,
+        dispatcher,
+        done_case=await _case_id(app, DONE_PATIENT),
+        waiting_case=await _case_id(app, WAITING_PATIENT),
+    )
+    await app.close()
+
+
+async def _outbox_after(world: World, after: int) -> list[OutboxRow]:
+    async with world.app.store.session() as session:
+        query = select(OutboxRow).where(col(OutboxRow.id) > after).order_by(col(OutboxRow.id))
+        return list((await session.exec(query)).all())
+
+
+async def _last_outbox_id(world: World) -> int:
+    async with world.app.store.session() as session:
+        return (await session.exec(select(func.max(OutboxRow.id)))).one() or 0
+
+
+async def _audit_count(world: World) -> int:
+    async with world.app.store.session() as session:
+        return (await session.exec(select(func.count()).select_from(AuditRow))).one()
+
+
+async def _snapshot(world: World, except_chat: int | None = None) -> dict[str, list[Any]]:
+    """Every row of every case not owned by `except_chat`, with its items and files."""
+    async with world.app.store.session() as session:
+        cases = [c for c in (await session.exec(select(CaseRow))).all() if c.chat_id != except_chat]
+        ids = {c.id for c in cases}
+        items = [i for i in (await session.exec(select(ItemRow))).all() if i.case_id in ids]
+        files = [f for f in (await session.exec(select(FileRow))).all() if f.case_id in ids]
+
+    def rows(found: list[Any]) -> list[str]:
+        return sorted(json.dumps(r.model_dump(), default=str, sort_keys=True) for r in found)
+
+    return {"cases": rows(cases), "case_items": rows(items), "case_files": rows(files)}
+
+
+def _reply(row: OutboxRow) -> Reply:
+    return Reply.from_dict(json.loads(row.payload))
+
+
+async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
+    """/cases, /cases ready, /case ID and an "open" button: replies only to the asking chat,
+    each view audited with the coordinator's id, the chain intact, no case changed."""
+    before_cases = await _snapshot(world)
+    start = await _last_outbox_id(world)
+
+    await world.feed(world.message(COORDINATOR, COORDINATOR, "/cases"))
+    rows = await _outbox_after(world, start)
+    assert [r.chat_id for r in rows] == [COORDINATOR]
+    listing = rows[0].payload
+    assert world.done_case in listing and world.waiting_case in listing
+    buttons = [b for row in _reply(rows[0]).buttons for b in row]
+    assert {b.arg.split(":")[0] for b in buttons} == {world.done_case, world.waiting_case}
+    for button in buttons:
+        data = f"{button.action}:{button.arg}"
+        assert button.action == "co" and len(data.encode()) <= CALLBACK_DATA_MAX
+        opened = parse_open_arg(button.arg)
+        assert opened is not None and world.desk.verify(*opened)
+    # most recent first: the waiting case was touched last
+    assert buttons[0].arg.startswith(world.waiting_case)
+
+    mark = await _last_outbox_id(world)
+    await world.feed(world.message(COORDINATOR, COORDINATOR_CHAT, "/cases ready"))
+    rows = await _outbox_after(world, mark)
+    assert [r.chat_id for r in rows] == [COORDINATOR_CHAT]
+    assert world.done_case in rows[0].payload and world.waiting_case not in rows[0].payload
+
+    mark = await _last_outbox_id(world)
+    await world.feed(world.message(COORDINATOR, COORDINATOR, f"/case {world.done_case}"))
+    rows = await _outbox_after(world, mark)
+    assert [r.chat_id for r in rows] == [COORDINATOR]
+    view = _reply(rows[0])
+    keys = {p.key for p in view.parts if hasattr(p, "key")}
+    assert "coordinator.case_header" in keys
+    assert '"coordinator.state.complete"' in rows[0].payload
+    assert '"coordinator.kind.dicom"' in rows[0].payload
+
+    mark = await _last_outbox_id(world)
+    waiting_button = next(b for b in buttons if b.arg.startswith(world.waiting_case))
+    press = world.press(COORDINATOR, COORDINATOR_CHAT, f"co:{waiting_button.arg}")
+    await world.feed(press)
+    rows = await _outbox_after(world, mark)
+    assert [r.chat_id for r in rows] == [COORDINATOR_CHAT]
+    assert world.waiting_case in rows[0].payload
+    assert '"coordinator.case_current"' in rows[0].payload
+    answer = world.answers()[-1]
+    assert answer.callback_query_id == f"q{press.update_id}" and answer.text is None
+
+    entries = await audit.entries(world.app.store)
+    assert [(e.actor, e.action, e.case_id) for e in entries] == [
+        (f"coordinator:{COORDINATOR}", "cases.list", None),
+        (f"coordinator:{COORDINATOR}", "cases.list", None),
+        (f"coordinator:{COORDINATOR}", "case.view", world.done_case),
+        (f"coordinator:{COORDINATOR}", "case.view", world.waiting_case),
+    ]
+    assert entries[-1].detail == "via=button"
+    assert await audit.verify_chain(world.app.store) == []
+    assert await _snapshot(world) == before_cases
+    every_row = await _outbox_after(world, start)
+    assert {r.chat_id for r in every_row} <= {COORDINATOR, COORDINATOR_CHAT}
+    assert not [c for c in world.session.calls if not isinstance(c, AnswerCallbackQuery)]
+
+
+async def test_non_owners_get_nothing_of_any_case(world: World) -> None:
+    """Every coordinator command and button (valid, forged, malformed), from every principal
+    that is not an allowed coordinator-in-chat: no message names a case, no audit row is
+    written, no case row changes; buttons are answered with no text."""
+    principals = {
+        "another patient": (WAITING_PATIENT, WAITING_PATIENT),
+        "a stranger": (STRANGER, STRANGER),
+        "a coordinator in an unrelated group": (COORDINATOR, UNRELATED_GROUP),
+        "a non-coordinator in the coordinators' chat": (GROUP_MEMBER, COORDINATOR_CHAT),
+        "a coordinator's id spoofed as a private chat of someone else": (GROUP_MEMBER, COORDINATOR),
+    }
+    targets = [world.done_case, world.waiting_case]
+    commands = ["/cases", "/cases waiting", "/cases ready", "/cases all", "/cases nonsense"]
+    commands += ["/case", *(f"/case {t}" for t in targets), "/case 0123"]
+    buttons = [f"co:{t}:{world.desk.sign(t)}" for t in targets]  # genuine signatures
+    buttons += [f"co:{t}:{'0' * 16}" for t in targets]  # forged
+    buttons += [f"co:{t}:{world.desk.sign(t)[::-1]}" for t in targets]  # forged
+    buttons += [f"co:{t}" for t in targets]  # unsigned
+    buttons += ["co:", "co:x:y", f"co:{targets[0].upper()}:{world.desk.sign(targets[0])}"]
+    known_cases = set(targets)
+    for name, (user_id, chat_id) in principals.items():
+        for action in [*commands, *buttons]:
+            is_button = action.startswith("co:")
+            update = (
+                world.press(user_id, chat_id, action)
+                if is_button
+                else world.message(user_id, chat_id, action)
+            )
+            before = await _snapshot(world, except_chat=chat_id)
+            audits = await _audit_count(world)
+            mark = await _last_outbox_id(world)
+            answered = len(world.answers())
+
+            await world.feed(update)
+
+            where = f"{name}: {action}"
+            assert await _audit_count(world) == audits, where
+            assert await _snapshot(world, except_chat=chat_id) == before, where
+            async with world.app.store.session() as session:
+                known_cases |= set((await session.exec(select(CaseRow.id))).all())
+            for row in await _outbox_after(world, mark):
+                assert row.chat_id == chat_id and chat_id > 0, where  # only their own chat
+                assert not [c for c in known_cases if c in row.payload], where
+                assert '"coordinator.' not in row.payload, where
+            if is_button:
+                answers = world.answers()
+                assert len(answers) == answered + 1, where
+                assert answers[-1].text is None and not answers[-1].show_alert, where
+    assert await audit.entries(world.app.store) == []
+    # a listed coordinator's forged button in their own chat gets nothing either
+    mark = await _last_outbox_id(world)
+    await world.feed(world.press(COORDINATOR, COORDINATOR, f"co:{targets[0]}:{'f' * 16}"))
+    assert await _outbox_after(world, mark) == []
+    assert await audit.entries(world.app.store) == []
+
+
+async def test_replayed_updates_show_and_audit_once(world: World) -> None:
+    """Telegram redelivers: the same command or button shows the view once, audits once."""
+    mark = await _last_outbox_id(world)
+    signed = f"co:{world.done_case}:{world.desk.sign(world.done_case)}"
+    updates = [
+        world.message(COORDINATOR, COORDINATOR, "/cases"),
+        world.message(COORDINATOR, COORDINATOR, f"/case {world.done_case}"),
+        world.press(COORDINATOR, COORDINATOR, signed),
+        world.message(COORDINATOR, COORDINATOR, "/cases bogus"),
+    ]
+    for _ in range(3):
+        for update in updates:
+            await world.feed(update)
+    rows = await _outbox_after(world, mark)
+    assert len(rows) == len(updates)
+    entries = await audit.entries(world.app.store)
+    assert [e.action for e in entries] == ["cases.list", "case.view", "case.view"]
+    async with world.app.store.session() as session:
+        for update in updates:
+            inbox = await session.get(InboxRow, update.update_id)
+            assert inbox is not None and inbox.status == "done"
+
+
+async def test_a_view_that_cannot_be_audited_is_not_shown(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit row, the queued reply and the handled mark commit together or not at all."""
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("audit store unavailable")
+
+    monkeypatch.setattr(audit, "append", broken)
+    mark = await _last_outbox_id(world)
+    update = world.message(COORDINATOR, COORDINATOR, f"/case {world.done_case}")
+    with pytest.raises(RuntimeError):
+        await world.feed(update)
+    assert await _outbox_after(world, mark) == []
+    async with world.app.store.session() as session:
+        assert await session.get(InboxRow, update.update_id) is None  # retried later
+    monkeypatch.undo()
+    await world.feed(update)  # the retry shows and audits it
+    assert len(await _outbox_after(world, mark)) == 1
+    assert [e.action for e in await audit.entries(world.app.store)] == ["case.view"]
+
+
+def test_list_buttons_fit_telegram_and_the_list_is_bounded() -> None:
+    """Callback data of a full-length id stays within 64 bytes; the list says when cut."""
+    now = datetime.now(UTC)
+    summaries = tuple(
+        CaseSummary(f"{n:032x}", "complete", "general", "General review", now, "f" * 16)
+        for n in range(LIST_LIMIT)
+    )
+    message = cases_reply(CaseList("ready", summaries, more=True))
+    datas = [f"{b.action}:{b.arg}" for row in message.buttons for b in row]
+    assert len(datas) == LIST_LIMIT and max(len(d.encode()) for d in datas) <= 64
+    assert any(getattr(p, "key", "") == "coordinator.cases_more" for p in message.parts)
+
+
+def test_every_coordinator_key_has_english_text() -> None:
+    """States, statuses, kinds, verdicts and filters are shown through keys built from values
+    (which tests/test_catalog.py cannot see): each has English text with simple placeholders."""
+    with ENGLISH.open("rb") as handle:
+        catalog = {str(m.id): str(m.string) for m in read_po(handle) if m.id}
+    assert sorted(k for k in dynamic_keys() if not catalog.get(k)) == []
