@@ -23,7 +23,9 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
+    """The engine for `url`. With `readonly` on SQLite: deferred, query-only transactions
+    that read a WAL snapshot without ever waiting for the write lock."""
     url = async_url(url)
     if not is_sqlite(url):
         return create_async_engine(url, pool_size=10, max_overflow=5, pool_pre_ping=True)
@@ -39,12 +41,14 @@ def create_engine(url: str) -> AsyncEngine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if readonly:
+            cursor.execute("PRAGMA query_only=ON")  # a write here would be a bug: refuse it
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         # A deferred transaction that reads then writes fails with SQLITE_BUSY_SNAPSHOT under
         # WAL whatever busy_timeout says; IMMEDIATE takes the write lock up front.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine

@@ -28,7 +28,7 @@ class Eraser:
     async def finish(self, case_id: str) -> None:
         files = select(FileRow).where(FileRow.case_id == case_id)
         members = select(FileMemberRow).where(FileMemberRow.case_id == case_id)
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             blob_ids = [row.blob_id for row in (await session.exec(files)).all()]
             blob_ids += [row.blob_id for row in (await session.exec(members)).all()]
         for blob_id in blob_ids:
@@ -47,7 +47,7 @@ class Eraser:
 
     async def finish_pending(self) -> int:
         """Complete every erasure a crash interrupted (run at start)."""
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             pending = list(
                 (await session.exec(select(CaseRow.id).where(CaseRow.state == "erased"))).all()
             )
@@ -58,7 +58,7 @@ class Eraser:
     async def expired_cases(self, retention_days: int, now: datetime) -> list[tuple[str, int]]:
         """(case id, chat id) of complete cases closed more than `retention_days` ago."""
         cutoff = now - timedelta(days=retention_days)
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             rows = await session.exec(
                 select(CaseRow.id, CaseRow.chat_id)
                 .where(CaseRow.state == "complete")

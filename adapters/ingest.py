@@ -115,7 +115,7 @@ class VaultIngest:
         self._checker = checker
 
     async def _case_key(self, case_id: str) -> bytes:
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             wrapped = (
                 await session.exec(select(CaseRow.wrapped_key).where(CaseRow.id == case_id))
             ).one()
@@ -153,7 +153,7 @@ class VaultIngest:
         )
 
     async def unlock(self, case_id: str, file_id: str, password: str) -> StoredFile | None:
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             row = await session.get(FileRow, file_id)
         if row is None or row.case_id != case_id or not password:
             return None

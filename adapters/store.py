@@ -322,15 +322,29 @@ class SqlTransaction:
 
 
 class SqlStore:
-    def __init__(self, engine: AsyncEngine, keys: KeyRing) -> None:
+    def __init__(
+        self, engine: AsyncEngine, keys: KeyRing, read_engine: AsyncEngine | None = None
+    ) -> None:
         self.engine = engine
         self.keys = keys
+        # Reads that change nothing (what is pending, a case key, a listing) use this one, so
+        # on SQLite they do not queue behind writers for the write lock.
+        self.read_engine = read_engine or engine
         self._postgres = engine.dialect.name == "postgresql"
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction, committed on success and rolled back on error."""
         async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncSession]:
+        """A read-only session (a consistent snapshot); it must not write."""
+        async with (
+            AsyncSession(self.read_engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
             yield session
 
     @asynccontextmanager

@@ -135,7 +135,7 @@ class InboxProcessor:
 
     async def _dispatch_pending(self) -> None:
         now = utcnow()
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             rows = (
                 await session.exec(
                     select(InboxRow.update_id, InboxRow.chat_id)
@@ -186,7 +186,7 @@ class InboxProcessor:
                 self._queues.pop(lane, None)
 
     async def _load(self, update_id: int) -> InboxRow | None:
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             row = await session.get(InboxRow, update_id)
         if row is None or row.status != "new" or row.payload_enc is None:
             return None
@@ -306,15 +306,25 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+# Telegram's limits are about 1 message/s per chat, 20/min per group and 30/s overall (we
+# promise 25/s). Slots are taken when a send starts; requests reach Telegram a little
+# later and unevenly, so the buckets keep a margin below what they promise.
+CHAT_WINDOW_S, CHAT_BURST = 3.3, 3
+GROUP_WINDOW_S, GROUP_BURST = 63.0, 20
+GLOBAL_PER_SECOND = 20
+
+
 class _RateLimiter:
-    """Token buckets: per chat (about 1/s, short bursts), per group (20/min), global (25/s)."""
+    """Sliding windows: per chat (a burst of 3, about 1/s), per group, and overall."""
 
     def __init__(self) -> None:
         self._last: dict[int, deque[float]] = {}
         self._global: deque[float] = deque()
 
     def delay(self, chat_id: int, now: float) -> float:
-        window, limit = (60.0, 20) if chat_id < 0 else (3.0, 3)
+        window, limit = (
+            (GROUP_WINDOW_S, GROUP_BURST) if chat_id < 0 else (CHAT_WINDOW_S, CHAT_BURST)
+        )
         sent = self._last.setdefault(chat_id, deque())
         while sent and now - sent[0] >= window:
             sent.popleft()
@@ -323,16 +333,21 @@ class _RateLimiter:
         wait = 0.0
         if len(sent) >= limit:
             wait = max(wait, window - (now - sent[0]))
-        if len(self._global) >= 25:
+        if len(self._global) >= GLOBAL_PER_SECOND:
             wait = max(wait, 1.0 - (now - self._global[0]))
         return wait
 
     async def wait_turn(self, chat_id: int) -> None:
-        """Sleep until a message to this chat fits every limit."""
+        """Sleep until a message to this chat fits every limit, then take its slot.
+
+        Checking and taking happen with no await in between, so the many chats' senders
+        (one task each) cannot all pass the global check at once.
+        """
         wait = self.delay(chat_id, time.monotonic())
         while wait > 0:
             await asyncio.sleep(wait)
             wait = self.delay(chat_id, time.monotonic())
+        self.record(chat_id, time.monotonic())
 
     def record(self, chat_id: int, now: float) -> None:
         self._last.setdefault(chat_id, deque()).append(now)
@@ -358,7 +373,24 @@ class OutboxSender:
         self._limiter = _RateLimiter()
         self._lanes: dict[int, asyncio.Task[None]] = {}
 
+    async def recover(self) -> int:
+        """At start: alerts whose send was cut short by a crash may or may not have arrived.
+
+        They are not sent again (at most once); the log names each for the operator, and the
+        coordinator still sees the case as ready in /cases.
+        """
+        async with self._store.session() as session:
+            rows = (
+                await session.exec(select(OutboxRow).where(OutboxRow.status == "sending"))
+            ).all()
+            for row in rows:
+                log.warning("alert may not have arrived outbox=%s chat=%s", row.id, row.chat_id)
+                row.status = "unconfirmed"
+                session.add(row)
+        return len(rows)
+
     async def run(self) -> None:
+        await self.recover()
         while True:
             await self._start_lanes()
             with contextlib.suppress(TimeoutError):
@@ -367,7 +399,7 @@ class OutboxSender:
 
     async def _pending_chats(self) -> list[int]:
         now = utcnow()
-        async with self._store.session() as session:
+        async with self._store.reader() as session:
             chats = await session.exec(
                 select(OutboxRow.chat_id)
                 .where(OutboxRow.status == "pending")
@@ -395,7 +427,7 @@ class OutboxSender:
     async def _send_chat(self, chat_id: int) -> None:
         try:
             while True:
-                async with self._store.session() as session:
+                async with self._store.reader() as session:
                     row = (
                         await session.exec(
                             select(OutboxRow)
@@ -413,15 +445,19 @@ class OutboxSender:
 
     async def _send_row(self, row: OutboxRow) -> bool:
         assert row.id is not None
-        await self._limiter.wait_turn(row.chat_id)
+        if row.dedup_key is not None:
+            # An alert is sent at most once: mark it before the request, so a kill while the
+            # request is in flight cannot make the restarted bot send it a second time.
+            await self._mark(row.id, "sending")
         try:
             payload = json.loads(row.payload)
             if "delete_message" in payload:
+                await self._limiter.wait_turn(row.chat_id)
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
             else:
                 await self._deliver(row.chat_id, row.locale, Reply.from_dict(payload))
         except TelegramRetryAfter as exc:
-            log.warning("429 from Telegram chat_lane=%s retry_after=%s", row.id, exc.retry_after)
+            log.warning("429 from Telegram outbox=%s retry_after=%s", row.id, exc.retry_after)
             await self._reschedule(row.id, float(exc.retry_after), count=False)
             return False
         except (TelegramServerError, TelegramNetworkError, TimeoutError) as exc:
@@ -433,7 +469,6 @@ class OutboxSender:
             log.error("send refused outbox=%s error=%s", row.id, type(exc).__name__)
             await self._finish(row.id, "failed")
             return True
-        self._limiter.record(row.chat_id, time.monotonic())
         await self._finish(row.id, "sent")
         return True
 
@@ -449,6 +484,7 @@ class OutboxSender:
             )
         for index, text in enumerate(rendered.texts):
             last = index == len(rendered.texts) - 1
+            await self._limiter.wait_turn(chat_id)  # each part of a long text counts
             await self._bot.send_message(
                 chat_id,
                 text,
@@ -460,8 +496,16 @@ class OutboxSender:
         async with self._store.session() as session:
             row = await session.get(OutboxRow, outbox_id)
             if row is not None:
+                row.status = "pending"  # an alert refused by Telegram was not delivered: retry
                 row.attempts += 1 if count else 0
                 row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+                session.add(row)
+
+    async def _mark(self, outbox_id: int, status: str) -> None:
+        async with self._store.session() as session:
+            row = await session.get(OutboxRow, outbox_id)
+            if row is not None:
+                row.status = status
                 session.add(row)
 
     async def _finish(self, outbox_id: int, status: str) -> None:

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from adapters.database import create_engine
+from adapters.database import create_engine, is_sqlite
 from adapters.erasure import Eraser
 from adapters.ingest import VaultIngest, check_in_worker
 from adapters.keyring import KeyRing
@@ -54,6 +54,8 @@ class App:
 
     async def close(self) -> None:
         await self.store.engine.dispose()
+        if self.store.read_engine is not self.store.engine:
+            await self.store.read_engine.dispose()
 
 
 def prepare(settings: Settings) -> None:
@@ -72,7 +74,10 @@ def prepare(settings: Settings) -> None:
 def build_app(settings: Settings) -> App:
     master, _ = load_or_create_master_key(settings.key_file, create=False)
     keys = KeyRing(master)
-    store = SqlStore(create_engine(settings.db_url), keys)
+    read_engine = (
+        create_engine(settings.db_url, readonly=True) if is_sqlite(settings.db_url) else None
+    )
+    store = SqlStore(create_engine(settings.db_url), keys, read_engine)
     vault = Vault(settings.data_dir / "vault")
     vault.cleanup_temp()  # partial writes of a crashed process hold only ciphertext
     translator = Translator()

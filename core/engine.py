@@ -352,7 +352,7 @@ def _text(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         out.replies.append(reply(Text("item.needs_file"), buttons=_item_buttons(case, item)))
         return
     answer = event.arg.strip()
-    if len(answer) < 2:
+    if not answer:  # one character can be a whole answer: 无, "-"
         out.replies.append(reply(Text("item.answer_too_short"), buttons=_item_buttons(case, item)))
         return
     case.progress(item.key).answer = answer

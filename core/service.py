@@ -166,10 +166,11 @@ class ConversationService:
                 await self._apply(tx, case, Event(EventKind.FILE, file=stored.ref), ctx)
                 recorded = True
                 await self._forget_upload(tx, patient, incoming)
+            if not recorded:  # the same bytes under another Telegram id: keep one copy only
+                # Before the commit: a crash here leaves the update to retry, never an orphan.
+                await self._ingest.discard(stored)
             if update_id is not None:
                 await tx.mark_update(update_id, patient.chat_id)
-        if not recorded:  # the same bytes under another Telegram id: keep one copy only
-            await self._ingest.discard(stored)
 
     async def handle_album(
         self,
@@ -231,8 +232,8 @@ class ConversationService:
             for _, update_id in fresh:
                 if update_id is not None:
                     await tx.mark_update(update_id, patient.chat_id)
-        for file in discard:
-            await self._ingest.discard(file)
+            for file in discard:  # before the commit, as in handle_file
+                await self._ingest.discard(file)
 
     async def _forget_upload(
         self, tx: Transaction, patient: Patient, incoming: IncomingFile

@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
 from typing import Any
 
 from intake.runner import OpenPath, check_in_worker, shutdown_pool
-from intake.verdict import Verdict
+from intake.verdict import Finding, Kind, Severity, Verdict, verdict_from
+
+FOLDER_MEMORY = 2 * 1024**3  # address space for checking a whole folder (a CD's worth)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _folder_verdict(path: str) -> Verdict:
@@ -23,6 +28,31 @@ def _folder_verdict(path: str) -> Verdict:
         if not os.path.islink(os.path.join(dirpath, name))
     )
     return check_folder(files, root=path)
+
+
+def _limited_folder_verdict(path: str, timeout: float) -> Verdict:
+    """A folder's check in a child process under memory, CPU and wall-clock limits, like
+    single files in the worker pool: a hostile member fails the folder, never the caller."""
+
+    def limit() -> None:  # runs in the child, before it starts
+        resource.setrlimit(resource.RLIMIT_AS, (FOLDER_MEMORY, FOLDER_MEMORY))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout), int(timeout) + 1))
+
+    try:
+        child = subprocess.run(  # noqa: S603  # our own module, the path as one argument
+            [sys.executable, "-m", "intake.cli", "--folder-child", path],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=limit,  # the CLI runs no threads, so a fork hook is safe here
+            check=False,
+            env={**os.environ, "PYTHONPATH": _ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        )
+    except subprocess.TimeoutExpired:
+        return verdict_from(Kind.ZIP, [Finding("check_timeout", Severity.ERROR)])
+    if child.returncode != 0 or not child.stdout.strip():
+        return verdict_from(Kind.ZIP, [Finding("check_failed", Severity.ERROR)])
+    return Verdict.from_dict(json.loads(child.stdout))
 
 
 def _render(path: str, verdict: Verdict) -> list[str]:
@@ -56,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per file")
+    parser.add_argument("--folder-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.folder_child:  # inside the limited child of _limited_folder_verdict
+        print(json.dumps(_folder_verdict(args.paths[0]).to_dict(), ensure_ascii=False))
+        return 0
     worst = 0
     try:
         for path in args.paths:
             if os.path.isdir(path):
-                verdict = _folder_verdict(path)
+                verdict = _limited_folder_verdict(path, args.timeout * 5)
             elif os.path.isfile(path):
                 verdict = check_in_worker(
                     OpenPath(os.path.abspath(path)),

@@ -201,7 +201,7 @@ def test_text_for_a_file_item_is_answered_and_text_item_saves_answer() -> None:
     out = handle(case, Event(EventKind.TEXT, "hello"), ctx())
     assert "item.needs_file" in keys(out)
     case.current_item = "medicines"
-    out = handle(case, Event(EventKind.TEXT, "x"), ctx())
+    out = handle(case, Event(EventKind.TEXT, "   "), ctx())
     assert "item.answer_too_short" in keys(out)
     handle(case, Event(EventKind.TEXT, "Aspirin 100 mg"), ctx())
     assert case.progress("medicines").answer == "Aspirin 100 mg"

@@ -117,3 +117,19 @@ def test_check_command_judges_by_content(tmp_path: Path) -> None:
     verdicts = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert result.returncode == 1
     assert [v["status"] for v in verdicts] == ["rejected", "accepted"]
+
+
+def test_check_command_summarises_a_folder_like_a_cd(tmp_path: Path) -> None:
+    """A CD copied to a folder: its scans summarised, viewer programs skipped, in a child
+    process under limits."""
+    cd = tmp_path / "cd"
+    (cd / "DICOM").mkdir(parents=True)
+    (cd / "DICOM" / "IMG0001").write_bytes(dicom_path().read_bytes())
+    (cd / "DICOM" / "IMG0002").write_bytes(dicom_path("MR_small.dcm").read_bytes())
+    (cd / "VIEWER.EXE").write_bytes(b"MZ\x90\x00" + bytes(512))
+    result = run_cli(tmp_path, "check", str(cd), "--json")
+    assert result.returncode == 0, result.stderr
+    verdict = json.loads(result.stdout)
+    summaries = [f for f in verdict["findings"] if f["code"] == "study_summary"]
+    assert sorted(f["params"]["modality"] for f in summaries) == ["CT", "MR"]
+    assert verdict["metadata"]["skipped_count"] == 1
