@@ -1,8 +1,15 @@
-"""Photos and images: decoded under a pixel budget, then measured for legibility.
+"""Photos and images: decoded under a pixel budget, then judged for legibility in two steps.
 
-Measures run on a grey copy at most `ANALYSIS_LONG_SIDE` pixels long (JPEG uses Pillow's
-reduced `draft()` decode, ~25 ms at 12 MP). Thresholds are deliberately conservative: a
-rejection must be plainly right, a doubtful case is a note.
+1. The fast screen: cheap measures on a grey copy at most `ANALYSIS_LONG_SIDE` pixels long (JPEG
+   uses Pillow's reduced `draft()` decode, ~25 ms at 12 MP). It rejects the plainly broken
+   picture at once (too small, black, washed out, flat, blank, far out of focus) and owns the
+   geometric checks OCR is blind to: glare and a page cut off at the edge.
+2. The OCR signal (`intake.ocr`, Tesseract): the mean word confidence on a crop of the densest
+   text, at up to `OCR_LONG_SIDE` pixels, so the cost stays well under a second or two per
+   language tried whatever the photo's size. Low confidence rejects the picture; the reason
+   given is the fast screen's likeliest cause (blurred, dark...) or `photo_unreadable`.
+
+Thresholds live in `intake.limits`, calibrated by ``bench/legibility_bench.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import numpy as np
 import pillow_heif  # HEIC/HEIF from iPhones
 from PIL import Image, ImageOps
 
-from intake import limits
+from intake import limits, ocr
 from intake.verdict import Finding, Kind, Severity, Verdict, verdict_from
 
 pillow_heif.register_heif_opener()
@@ -26,13 +33,24 @@ Image.init()  # register every plugin before the allow-list is computed
 _WANTED = ("JPEG", "PNG", "WEBP", "TIFF", "GIF", "HEIF", "AVIF", "MPO", "BMP")
 FORMATS = [f for f in _WANTED if f in Image.OPEN] or None
 
-# Thresholds, calibrated on the generated corpus (tests/intake/corpus.py) at 1600 px.
-FOCUS_REJECT = 1.45  # noise-corrected Laplacian energy ratio; blurred pages approach 1
-FOCUS_MARGINAL = 2.2
+# Fast-screen thresholds at 1600 px (see intake.limits for the calibrated ones).
+FOCUS_REJECT = limits.SCREEN_FOCUS_REJECT  # noise-corrected Laplacian energy ratio, blurred ~1
+FOCUS_MARGINAL = limits.SCREEN_FOCUS_MARGINAL
 DARK_MEDIAN = 55  # median grey level of the page
-LOW_CONTRAST = 28  # p95 - p05 grey levels
+LOW_CONTRAST = limits.SCREEN_LOW_CONTRAST  # p99.5 - p0.5 grey levels
 WASHED_P05 = 200
 GLARE_SHARE = 0.04  # largest blown-out blob, share of the picture
+LEGIBILITY_ERRORS = (
+    "photo_low_resolution",
+    "photo_too_dark",
+    "photo_washed_out",
+    "photo_low_contrast",
+    "photo_blurred",
+    "photo_glare",
+    "photo_cut_off",
+    "image_blank",
+    "photo_unreadable",
+)
 SCREEN_SIZES = {
     (w, h)
     for w, h in [
@@ -166,8 +184,13 @@ def _largest_blob(mask: np.ndarray) -> int:
     return best
 
 
-def measure(grey: np.ndarray) -> dict[str, float]:
-    """Cheap legibility measures of a grey page picture (values 0..255)."""
+def measure(grey: np.ndarray, *, read_text: bool = True) -> dict[str, float]:
+    """Legibility measures of a grey page picture (values 0..255).
+
+    The cheap measures always; with ``read_text`` also the OCR signal on the densest text of
+    this same picture (``ocr_conf``, ``ocr_chars``; absent when OCR is unavailable), which is
+    how a scanned PDF page, rendered by `intake.pdf`, gets the same check as a photo.
+    """
     lo, p05, p50, p95, hi = (
         float(v) for v in np.percentile(grey[::2, ::2], (0.5, 5, 50, 95, 99.5))
     )
@@ -203,8 +226,9 @@ def measure(grey: np.ndarray) -> dict[str, float]:
     band_r, band_c = max(2, grey.shape[0] * 3 // 200), max(2, grey.shape[1] * 3 // 200)
     sides = (ink[:band_r], ink[-band_r:], ink[:, :band_c], ink[:, -band_c:])
     ink_all = float(ink.mean())
-    edge_ink = max(float(s.mean()) for s in sides)
-    return {
+    # A side inked nearly all along is the table or a border around the page, not cut text.
+    edge_ink = max((v for v in (float(s.mean()) for s in sides) if v < 0.5), default=0.0)
+    m = {
         "p05": p05,
         "median": p50,
         "p95": p95,
@@ -215,12 +239,130 @@ def measure(grey: np.ndarray) -> dict[str, float]:
         "ink": ink_all,
         "edge_ink": edge_ink,
     }
+    if read_text and not screen_errors(m, 10_000, 10_000):
+        m.update(read_measures(grey))
+    return m
 
 
-def judge(
-    m: dict[str, float], width: int, height: int, *, compressed_photo: bool = False
-) -> list[Finding]:
-    """Findings from the measures; the first error found is the one the patient needs to fix."""
+def text_window(grey: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the `OCR_WINDOW` share of the picture holding the most
+    edges: where the text is densest, so the OCR sample has text to read."""
+    height, width = grey.shape
+    wh = max(1, min(height, int(height * limits.OCR_WINDOW[0])))
+    ww = max(1, min(width, int(width * limits.OCR_WINDOW[1])))
+    if wh >= height and ww >= width:
+        return 0, 0, height, width
+    cell = 16
+    rows, cols = height // cell, width // cell
+    if rows < 2 or cols < 2:
+        return 0, 0, height, width
+    a = grey[: rows * cell, : cols * cell]
+    gx = np.abs(np.diff(a, axis=1, append=a[:, -1:])).reshape(rows, cell, cols, cell)
+    gy = np.abs(np.diff(a, axis=0, append=a[-1:, :])).reshape(rows, cell, cols, cell)
+    edges = gx.sum(axis=(1, 3)) + gy.sum(axis=(1, 3))
+    # Strong edges only (text strokes), so paper texture and sensor noise do not pull the window.
+    energy = np.minimum(edges, np.percentile(edges, 99))
+    energy = energy - np.median(energy)
+    np.maximum(energy, 0, out=energy)
+    wr, wc = max(1, wh // cell), max(1, ww // cell)
+    summed = np.zeros((rows + 1, cols + 1))
+    summed[1:, 1:] = energy.cumsum(axis=0).cumsum(axis=1)
+    box = (
+        summed[wr:, wc:] - summed[:-wr, wc:] - summed[wr:, :-wc] + summed[:-wr, :-wc]
+    )  # sums of every wr x wc window of cells
+    r, c = np.unravel_index(int(np.argmax(box)), box.shape)
+    top, left = int(r) * cell, int(c) * cell
+    return top, left, min(height, top + wh), min(width, left + ww)
+
+
+def line_height(grey: np.ndarray) -> float:
+    """Height in pixels of a text line in a window of text (median run of inked rows), 0 when
+    no lines show (skewed, blurred or empty)."""
+    lo, mid = np.percentile(grey, (1, 50))
+    if mid - lo < 20:
+        return 0.0
+    ink = grey < (lo + mid) / 2
+    rows = ink.mean(axis=1) > 0.01
+    runs: list[int] = []
+    length = 0
+    for on in rows:
+        if on:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    runs = [r for r in runs if r >= 3]
+    return float(np.median(runs)) if len(runs) >= 2 else 0.0
+
+
+def ocr_sample(grey: np.ndarray) -> np.ndarray:
+    """The crop OCR reads: a few lines of the densest text, enlarged when the type is small
+    (Tesseract reads best with lines `OCR_LINE_PX` tall; its confidence falls on small type
+    that a person still reads)."""
+    top, left, bottom, right = text_window(grey)
+    crop = grey[top:bottom, left:right]
+    lh = line_height(crop)
+    if lh <= 0:
+        return crop
+    wh = min(crop.shape[0], int(limits.OCR_SAMPLE_LINES * 1.8 * lh))
+    ww = min(crop.shape[1], int(limits.OCR_SAMPLE_LINE_CHARS * 0.6 * lh))
+    r0 = (crop.shape[0] - wh) // 2
+    c0 = (crop.shape[1] - ww) // 2
+    crop = crop[r0 : r0 + wh, c0 : c0 + ww]
+    scale = min(limits.OCR_MAX_UPSCALE, limits.OCR_LINE_PX / lh)
+    if scale > 1.2:
+        pil = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8), "L")
+        pil = pil.resize(
+            (int(crop.shape[1] * scale), int(crop.shape[0] * scale)), Image.Resampling.BICUBIC
+        )
+        crop = np.asarray(pil, dtype=np.float32)
+    return crop
+
+
+def reads(result: ocr.OcrResult) -> bool:
+    """Does this reading say the text is legible? Enough characters, read with the confidence
+    calibrated for that language (`limits.OCR_READABLE`: each engine model has its own scale)."""
+    conf, strong = limits.OCR_READABLE.get(result.language, limits.OCR_READABLE["eng"])
+    return (
+        result.chars >= limits.OCR_MIN_CHARS
+        and result.confidence >= conf
+        and result.strong >= strong
+    )
+
+
+def read_measures(grey: np.ndarray, *, every_language: bool = False) -> dict[str, float]:
+    """The OCR signal on a sample of the densest text: {} when OCR is unavailable.
+
+    Each language is tried in turn until one reads the sample legibly (`reads`); with
+    ``every_language`` (the bench) all are read, without a time budget. Per language tried:
+    ``ocr_<lang>_conf``, ``_chars``, ``_strong``; and ``ocr_conf``/``ocr_chars`` of the best."""
+    if every_language:
+        results = ocr.read(ocr_sample(grey), budget=len(ocr.LANGUAGES) * limits.OCR_TIMEOUT_S)
+    else:
+        results = ocr.read(ocr_sample(grey), enough=reads, budget=limits.OCR_BUDGET_S)
+    if not results:
+        return {}
+    m: dict[str, float] = {}
+    for r in results:
+        m[f"ocr_{r.language}_conf"] = r.confidence
+        m[f"ocr_{r.language}_chars"] = float(r.chars)
+        m[f"ocr_{r.language}_strong"] = r.strong
+    best = max(results, key=lambda r: (reads(r), r.confidence, r.chars))
+    m["ocr_conf"], m["ocr_chars"] = best.confidence, float(best.chars)
+    m["ocr_tried"] = float(len(results))
+    return m
+
+
+def _readings(m: dict[str, float]) -> list[ocr.OcrResult]:
+    return [
+        ocr.OcrResult(m[k], 0, int(m[k[:-5] + "_chars"]), k[4:-5], m[k[:-5] + "_strong"])
+        for k in m
+        if k.startswith("ocr_") and k.endswith("_conf") and k != "ocr_conf"
+    ]
+
+
+def screen_errors(m: dict[str, float], width: int, height: int) -> list[Finding]:
+    """The fast screen: the plainly broken picture, rejected without reading it."""
     findings: list[Finding] = []
     if min(width, height) < limits.MIN_TEXT_SIDE:
         findings.append(
@@ -236,12 +378,49 @@ def judge(
         findings.append(Finding("image_blank", Severity.ERROR))
     elif m["focus"] < FOCUS_REJECT:
         findings.append(Finding("photo_blurred", Severity.ERROR))
+    return findings
+
+
+def _unreadable_reason(m: dict[str, float]) -> str:
+    """The likeliest cause of text OCR could not read, in the patient's terms (so the fix fits)."""
+    if m["median"] < limits.READ_DARK_MEDIAN:
+        return "photo_too_dark"
+    if m["focus"] < FOCUS_MARGINAL:  # before contrast: a blur smears the text's contrast too
+        return "photo_blurred"
+    if m["contrast"] < limits.READ_LOW_CONTRAST:
+        return "photo_washed_out" if m["p05"] > WASHED_P05 else "photo_low_contrast"
+    return "photo_unreadable"
+
+
+def ocr_says_unreadable(m: dict[str, float]) -> bool | None:
+    """True or False by the OCR signal; None when there was no OCR."""
+    readings = _readings(m)
+    if not readings:
+        return None
+    if any(reads(r) for r in readings):
+        return False
+    if max(r.chars for r in readings) < limits.OCR_MIN_CHARS:
+        # Hardly any text read in the densest window: unreadable unless the picture is sharp
+        # (a sharp picture with no text, say a photo of a film, is not ours to refuse here).
+        return m["focus"] < limits.OCR_NO_TEXT_FOCUS
+    return True
+
+
+def judge(
+    m: dict[str, float], width: int, height: int, *, compressed_photo: bool = False
+) -> list[Finding]:
+    """Findings from the measures; the first error found is the one the patient needs to fix."""
+    findings = screen_errors(m, width, height)
+    if not findings and ocr_says_unreadable(m):
+        findings.append(Finding(_unreadable_reason(m), Severity.ERROR))
     if m["glare"] >= GLARE_SHARE:
         findings.append(Finding("photo_glare", Severity.ERROR))
     if m["edge_ink"] > max(0.02, 1.2 * m["ink"]) and m["ink"] > 0.002:
         findings.append(Finding("photo_cut_off", Severity.NOTE))
     errors = any(f.severity is Severity.ERROR for f in findings)
     marginal = m["focus"] < FOCUS_MARGINAL or max(width, height) < 1600
+    if "ocr_conf" in m:
+        marginal = marginal or m["ocr_conf"] < limits.OCR_CONF_MARGINAL
     if compressed_photo and (errors or marginal):
         findings.append(Finding("photo_send_as_file", Severity.NOTE))
     return findings
@@ -275,16 +454,33 @@ def is_screenshot(img: Image.Image, m: dict[str, float], size: tuple[int, int]) 
     return (screen_size and (lossless or m["flat"] > 0.3)) or (lossless and m["flat"] > 0.55)
 
 
+def screen(stream: BinaryIO) -> tuple[Image.Image, tuple[int, int], dict[str, float]]:
+    """The fast screen's work: open, reduced decode, cheap measures (no OCR)."""
+    img = open_image(stream)
+    size = img.size
+    grey = load_grey(img)
+    return img, size, measure(grey, read_text=False)
+
+
 def check_image(stream: BinaryIO, *, compressed_photo: bool = False) -> Verdict:
     try:
-        img = open_image(stream)
+        img, size, m = screen(stream)
         fmt = img.format or "unknown"
-        size = img.size
-        grey = load_grey(img)
     except ImageError as exc:
         return verdict_from(Kind.IMAGE, [Finding(exc.code, Severity.ERROR, exc.params)])
-    m = measure(grey)
-    findings = judge(m, *size, compressed_photo=compressed_photo)
+    findings_extra: list[Finding] = []
+    if not screen_errors(m, *size):
+        # The OCR sample comes from a sharper copy than the screen's: small print in a 12 MP
+        # photo must not be judged at 1600 px.
+        try:
+            sharp = load_grey(open_image(stream), limits.OCR_LONG_SIDE)
+        except ImageError as exc:
+            return verdict_from(Kind.IMAGE, [Finding(exc.code, Severity.ERROR, exc.params)])
+        read = read_measures(sharp)
+        if not read:
+            findings_extra.append(Finding("ocr_unavailable", Severity.INFO))
+        m.update(read)
+    findings = judge(m, *size, compressed_photo=compressed_photo) + findings_extra
     metadata: dict[str, Any] = {
         "format": fmt.lower(),
         "width": size[0],

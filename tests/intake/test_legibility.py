@@ -1,0 +1,137 @@
+"""Photo legibility: the fast screen plus the OCR signal, against OCR-labelled generated pages.
+
+The short form of `bench/legibility_bench.py`: a small held-out sample of the labelled corpus
+(seeds the bench never uses, small pages so that labelling stays within seconds), plus the
+plain cases each check exists for. Needs Tesseract with eng, chi_sim and tha and the fonts
+(`scripts/system-packages.sh`); without them the tests skip, or fail under REQUIRE_SERVICES=1.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+
+import legibility_corpus as lc
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from intake import Status, check, ocr
+
+READY = lc.tesseract_ready() and lc.fonts_ready()
+if not READY and os.environ.get("REQUIRE_SERVICES") == "1":
+    raise RuntimeError("REQUIRE_SERVICES=1 but Tesseract (eng, chi_sim, tha) or fonts are missing")
+pytestmark = pytest.mark.skipif(
+    not READY,
+    reason="Tesseract with eng, chi_sim, tha or the corpus fonts missing: "
+    "run scripts/system-packages.sh",
+)
+
+# Held out from the bench (which uses seeds 0..N-1): 10000+.
+HELD_OUT = [10_000 + i for i in range(9)]
+FLOOR = 0.75  # on nine small pages; the bench measures the real figure on a larger corpus
+
+
+def _codes(verdict) -> list[str]:
+    return [f.code for f in verdict.findings]
+
+
+def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def page() -> Image.Image:
+    """A clean 2000 px photo of an English page."""
+    img, _ = lc.render(7, "latin", 2000)
+    return img
+
+
+def test_held_out_balanced_accuracy() -> None:
+    """Verdicts agree with the OCR labels on pages in three scripts the thresholds never saw."""
+    samples = lc.corpus(HELD_OUT, workers=2)
+    pairs = []
+    for s in samples:
+        rejected = check(io.BytesIO(s.data())).status is Status.REJECTED
+        pairs.append((not s.readable, rejected))
+    rates = []
+    for truth in (True, False):
+        group = [p for t, p in pairs if t is truth]
+        if group:
+            rates.append(sum(1 for p in group if p is truth) / len(group))
+    score = sum(rates) / len(rates)
+    assert score >= FLOOR, (score, [(s.seed, s.script, s.readable) for s in samples], pairs)
+
+
+def test_sharp_page_accepted(page: Image.Image) -> None:
+    verdict = check(io.BytesIO(_jpeg(page)))
+    assert verdict.status is Status.ACCEPTED, verdict.findings
+    assert verdict.metadata["measures"]["ocr_conf"] >= 80
+
+
+def test_blurred_page_rejected(page: Image.Image) -> None:
+    verdict = check(io.BytesIO(_jpeg(page.filter(ImageFilter.GaussianBlur(6)))))
+    assert "photo_blurred" in _codes(verdict)
+
+
+def test_dark_page_rejected(page: Image.Image) -> None:
+    arr = np.asarray(page, dtype=np.float32) * 0.12
+    verdict = check(io.BytesIO(_jpeg(Image.fromarray(arr.astype(np.uint8)))))
+    assert "photo_too_dark" in _codes(verdict)
+
+
+def test_glare_rejected(page: Image.Image) -> None:
+    """OCR is blind to glare (the rest of the page reads): the geometric check catches it."""
+    arr = np.asarray(page).copy()
+    h, w = arr.shape
+    arr[h // 3 : h // 3 + h // 4, w // 4 : w // 4 + w // 2] = 255
+    verdict = check(io.BytesIO(_jpeg(Image.fromarray(arr))))
+    assert "photo_glare" in _codes(verdict)
+
+
+@pytest.mark.xfail(
+    reason="known gap: the edge check compares edge ink with the whole picture's ink, which a "
+    "dark table around the page inflates; text cut on a page lying on a table is missed",
+    strict=False,
+)
+def test_cut_off_page_noted() -> None:
+    """A page cut through its text: OCR of what is left reads fine, the edge check notes it."""
+    rng = random.Random(3)
+    img, _ = lc.render(rng.randrange(2**32), "latin", 2000)
+    arr = np.asarray(img)
+    rows = np.nonzero((arr < 100).mean(axis=1) > 0.02)[0]
+    cols = np.nonzero((arr < 100)[rows].mean(axis=0) > 0.005)[0]
+    cut = img.crop((0, 0, int(cols.mean()), img.height))  # through the middle of the lines
+    assert "photo_cut_off" in _codes(check(io.BytesIO(_jpeg(cut))))
+
+
+def test_without_ocr_the_screen_decides(page: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Tesseract: the fast screen's verdict, and an info finding for the coordinator."""
+    monkeypatch.setattr(ocr, "available_languages", lambda: ())
+    verdict = check(io.BytesIO(_jpeg(page)))
+    assert verdict.accepted
+    assert "ocr_unavailable" in _codes(verdict)
+    dark = np.asarray(page, dtype=np.float32) * 0.12
+    verdict = check(io.BytesIO(_jpeg(Image.fromarray(dark.astype(np.uint8)))))
+    assert "photo_too_dark" in _codes(verdict)
+
+
+def test_reading_stops_at_the_first_language_that_reads(page: Image.Image) -> None:
+    """An English page is read once (eng first); the other languages cost nothing."""
+    verdict = check(io.BytesIO(_jpeg(page)))
+    measures = verdict.metadata["measures"]
+    assert measures["ocr_tried"] == 1
+    assert "ocr_eng_conf" in measures and "ocr_tha_conf" not in measures
+
+
+def test_each_language_has_its_own_threshold() -> None:
+    """Thai's model gives garbage a middling confidence: a reading passes on its own scale."""
+    from intake import image, limits
+
+    conf, strong = limits.OCR_READABLE["tha"]
+    assert image.reads(ocr.OcrResult(max(conf, 1.0), 20, 200, "tha", max(strong, 0.01)))
+    assert not image.reads(ocr.OcrResult(max(conf, 1.0) - 1, 20, 200, "tha", 1.0))
+    assert not image.reads(ocr.OcrResult(99.0, 1, limits.OCR_MIN_CHARS - 1, "tha", 1.0))
