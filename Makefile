@@ -36,7 +36,7 @@ test: setup services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -121,13 +121,23 @@ class InboxProcessor:
         self._on_parked = on_parked
         self._context = context
         self._handled = handled  # set after each update, so the outbox sends at once
+        self._stopping = False
         self._transient: dict[int, int] = {}  # outage retries per update (not counted to park)
         self._queued: set[int] = set()
         self._queues: dict[int, deque[int]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
 
+    def stop(self) -> None:
+        """Take no new updates; the ones being handled finish (see bot.polling)."""
+        self._stopping = True
+        self._wake.set()
+
+    async def finish(self) -> None:
+        while self._workers:
+            await asyncio.gather(*list(self._workers.values()), return_exceptions=True)
+
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._dispatch_pending()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
@@ -168,7 +178,7 @@ class InboxProcessor:
     async def _drain(self, lane: int) -> None:
         queue = self._queues[lane]
         try:
-            while queue:
+            while queue and not self._stopping:
                 group = await self._album_group(queue)
                 ok = await self._process(group)
                 if not ok:
@@ -315,11 +325,14 @@ GLOBAL_PER_SECOND = 20
 
 
 class _RateLimiter:
-    """Sliding windows: per chat (a burst of 3, about 1/s), per group, and overall."""
+    """Sliding windows per chat (a burst of 3, about 1/s) and per group; overall, sends are
+    paced evenly (one every 1/GLOBAL_PER_SECOND s) so that scheduling jitter cannot bunch a
+    second's worth of them together."""
 
     def __init__(self) -> None:
         self._last: dict[int, deque[float]] = {}
         self._global: deque[float] = deque()
+        self._next_global = 0.0
 
     def delay(self, chat_id: int, now: float) -> float:
         window, limit = (
@@ -335,7 +348,7 @@ class _RateLimiter:
             wait = max(wait, window - (now - sent[0]))
         if len(self._global) >= GLOBAL_PER_SECOND:
             wait = max(wait, 1.0 - (now - self._global[0]))
-        return wait
+        return max(wait, self._next_global - now)
 
     async def wait_turn(self, chat_id: int) -> None:
         """Sleep until a message to this chat fits every limit, then take its slot.
@@ -352,6 +365,7 @@ class _RateLimiter:
     def record(self, chat_id: int, now: float) -> None:
         self._last.setdefault(chat_id, deque()).append(now)
         self._global.append(now)
+        self._next_global = max(now, self._next_global) + 1.0 / GLOBAL_PER_SECOND
 
 
 class OutboxSender:
@@ -372,6 +386,7 @@ class OutboxSender:
         self._protected = protected_chats
         self._limiter = _RateLimiter()
         self._lanes: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
 
     async def recover(self) -> int:
         """At start: alerts whose send was cut short by a crash may or may not have arrived.
@@ -389,9 +404,13 @@ class OutboxSender:
                 session.add(row)
         return len(rows)
 
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
         await self.recover()
-        while True:
+        while not self._stopping:
             await self._start_lanes()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
@@ -418,6 +437,11 @@ class OutboxSender:
             if chat_id not in self._lanes:
                 self._lanes[chat_id] = asyncio.create_task(self._send_chat(chat_id))
 
+    async def finish(self) -> None:
+        """Wait for the chats being sent to (after stop(): no new ones start)."""
+        while self._lanes:
+            await asyncio.gather(*list(self._lanes.values()), return_exceptions=True)
+
     async def flush(self) -> None:
         """Send everything that is due now (tests and shutdown)."""
         await self._start_lanes()
@@ -437,6 +461,8 @@ class OutboxSender:
                         )
                     ).first()
                 if row is None or (row.next_attempt_at and row.next_attempt_at > utcnow()):
+                    return
+                if self._stopping:
                     return
                 if not await self._send_row(row):
                     return  # retry later; later messages of this chat wait to keep order

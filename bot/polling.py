@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("start", "status", "language", "help", "privacy", "delete")
 RETENTION_EVERY_S = 3600.0
+STOP_GRACE_S = 10.0  # on SIGTERM, how long in-flight updates and sends may take to finish
 
 
 def make_bot(settings: Settings) -> Bot:
@@ -126,6 +127,15 @@ async def run_polling(settings: Settings) -> None:
         stopper: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop")
         waiting: list[asyncio.Task[object]] = [*tasks, stopper]
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        # Graceful stop: take nothing new, let what is being handled or sent finish (so no
+        # transaction is cut in the middle), then cancel what is left. A kill -9 skips all
+        # this, and is safe too: it only costs a retry.
+        processor.stop()
+        sender.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(processor.finish(), timeout=STOP_GRACE_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sender.finish(), timeout=STOP_GRACE_S)
         for task in tasks:
             task.cancel()
         for task in tasks:
