@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
-from adapters.tables import CaseRow, FileRow, InboxRow, OutboxRow
+from adapters.tables import CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
 from bot.shell import LocalFileSource, local_incoming
@@ -355,3 +355,52 @@ async def _wrapped(app: App, case_id: str) -> bytes:
         row = await session.get(CaseRow, case_id)
     assert row is not None
     return row.wrapped_key
+
+
+async def test_another_patient_replaying_every_button_reaches_only_their_own_case(
+    app: App, tmp_path: Path
+) -> None:
+    """Cases are found by the chat an update comes from: whatever callback data another
+    patient sends (copied or forged), the victim's case, items, files and outbox stay as
+    they were, and nothing about the victim is queued for the other chat."""
+    from core.events import BUTTON_EVENTS
+
+    victim, other = Patient(91, 91, "en"), Patient(92, 92, "en")
+    update = await _walk_to_complete(app, victim, tmp_path, 900)
+    async with app.store.session() as session:
+        rows = (await session.exec(select(OutboxRow).where(OutboxRow.chat_id == 91))).all()
+        victim_case = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 91))).one()
+    pressed = {
+        (button["action"], button["arg"])
+        for row in rows
+        for line in json.loads(row.payload).get("buttons", [])
+        for button in line
+    }
+    pressed |= {(kind.value, "") for kind in BUTTON_EVENTS}
+    assert ("delete_confirm", "") in pressed and len(pressed) > 10
+
+    async def snapshot() -> tuple[object, ...]:
+        async with app.store.session() as session:
+            case = await session.get(CaseRow, victim_case.id)
+            items = (
+                await session.exec(select(ItemRow).where(ItemRow.case_id == victim_case.id))
+            ).all()
+            files = (
+                await session.exec(select(FileRow).where(FileRow.case_id == victim_case.id))
+            ).all()
+            outbox = (await session.exec(select(OutboxRow).where(OutboxRow.chat_id == 91))).all()
+        assert case is not None
+        return (
+            case.state, case.current_item, case.completions, case.wrapped_key,
+            sorted((i.item_key, i.status, i.files_json) for i in items),
+            sorted(f.id for f in files), len(outbox),
+        )  # fmt: skip
+
+    before = await snapshot()
+    for action, arg in sorted(pressed):
+        await app.service.handle(other, Event(EventKind(action), arg), update)
+        update += 1
+    assert await snapshot() == before
+    async with app.store.session() as session:
+        leaked = (await session.exec(select(OutboxRow).where(OutboxRow.chat_id == 92))).all()
+    assert all(victim_case.id not in row.payload for row in leaked)
