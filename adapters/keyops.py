@@ -58,6 +58,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
@@ -65,6 +66,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters import keys
 from adapters.database import create_engine
+from adapters.durable import fsync_dir
 from adapters.keyring import KeyRing
 from adapters.keys import FieldDecryptError, KeyHandlingError
 from adapters.store import SqlStore
@@ -341,14 +343,6 @@ def _read_key(path: Path) -> bytes | None:
     return key
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_key_file(source: Path, target: Path) -> None:
     """Atomically make *target* a 0600 copy of *source* (replacing *target*)."""
     data = source.read_bytes()
@@ -367,7 +361,7 @@ def _copy_key_file(source: Path, target: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _swap_key_files(key_file: Path, new_file: Path, old_file: Path, new_is_ours: bool) -> None:
@@ -379,7 +373,7 @@ def _swap_key_files(key_file: Path, new_file: Path, old_file: Path, new_is_ours:
     _copy_key_file(key_file, old_file)
     if new_is_ours:
         os.replace(new_file, key_file)
-        _fsync_dir(key_file.parent)
+        fsync_dir(key_file.parent)
     else:
         _copy_key_file(new_file, key_file)
 
@@ -610,52 +604,35 @@ async def verify_all(
                 found(VerifyProblem("case_key", case_id=case_id, detail=str(exc)))
 
     referenced: set[str] = set()
-    after = ""
-    while True:
-        async with store.session() as session:
-            files = (
-                await session.exec(
-                    select(FileRow, CaseRow.wrapped_key)
-                    .join(CaseRow, col(CaseRow.id) == col(FileRow.case_id))
-                    .where(col(FileRow.id) > after)
-                    .order_by(col(FileRow.id))
-                    .limit(batch)
-                )
-            ).all()
-        if not files:
-            break
-        for file_row, wrapped in files:
-            after = file_row.id
-            referenced.add(file_row.blob_id)
-            report.files_checked += 1
-            problems = await _verify_file(vault, keyring, file_row, wrapped, bad_cases)
-            for problem in problems:
-                found(problem)
-            report.files_ok += not problems
 
-    # Files unpacked from uploaded ZIPs are blobs of their own: checked the same way.
-    after = ""
-    while True:
-        async with store.session() as session:
-            members = (
-                await session.exec(
-                    select(FileMemberRow, CaseRow.wrapped_key)
-                    .join(CaseRow, col(CaseRow.id) == col(FileMemberRow.case_id))
-                    .where(col(FileMemberRow.id) > after)
-                    .order_by(col(FileMemberRow.id))
-                    .limit(batch)
-                )
-            ).all()
-        if not members:
-            break
-        for member_row, wrapped in members:
-            after = member_row.id
-            referenced.add(member_row.blob_id)
-            report.files_checked += 1
-            problems = await _verify_file(vault, keyring, member_row, wrapped, bad_cases)
-            for problem in problems:
-                found(problem)
-            report.files_ok += not problems
+    async def check_rows(model: type[FileRow] | type[FileMemberRow]) -> None:
+        """Every row of `model` (uploaded files, then files unpacked from ZIPs) in batches."""
+        after = ""
+        while True:
+            async with store.session() as session:
+                rows = (
+                    await session.exec(
+                        select(model, CaseRow.wrapped_key)
+                        .join(CaseRow, col(CaseRow.id) == col(model.case_id))
+                        .where(col(model.id) > after)
+                        .order_by(col(model.id))
+                        .limit(batch)
+                    )
+                ).all()
+            if not rows:
+                return
+            for selected, wrapped in rows:
+                row = cast(FileRow | FileMemberRow, selected)  # select() loses the union
+                after = row.id
+                referenced.add(row.blob_id)
+                report.files_checked += 1
+                problems = await _verify_file(vault, keyring, row, wrapped, bad_cases)
+                for problem in problems:
+                    found(problem)
+                report.files_ok += not problems
+
+    await check_rows(FileRow)
+    await check_rows(FileMemberRow)
 
     def _orphans() -> tuple[int, list[str]]:
         count, orphans = 0, []

@@ -51,6 +51,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from adapters.durable import fsync_dir, write_all
+
 __all__ = [
     "KEY_SIZE",
     "FieldDecryptError",
@@ -197,7 +199,7 @@ def _create_key_file(path: Path, key: bytes) -> bool:
             # The umask can only remove bits, but be explicit in case the file system
             # applies default ACLs.
             os.fchmod(fd, 0o600)
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -210,24 +212,8 @@ def _create_key_file(path: Path, key: bytes) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (os.write may write partially)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory entry change durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def master_key_id(master: bytes) -> str:

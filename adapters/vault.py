@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Self
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from adapters.durable import fsync_dir, write_all
+
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
@@ -148,22 +150,6 @@ def _check_key(key: bytes) -> None:
 def _aad_prefix(header: bytes, blob_id: str) -> bytes:
     raw_id = blob_id.encode("ascii")
     return header + struct.pack(">H", len(raw_id)) + raw_id
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    """os.write until every byte is written (os.write may write partially)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a directory entry change (create, rename, unlink) durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Vault:
@@ -275,7 +261,7 @@ class Vault:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def iter_blob_ids(self) -> Iterator[str]:
@@ -373,7 +359,7 @@ class BlobWriter:
             _FILE_MODE,
         )
         try:
-            _write_all(self._fd, self._header)
+            write_all(self._fd, self._header)
         except BaseException:
             self.abort()
             raise
@@ -523,8 +509,8 @@ class BlobWriter:
             sealed = self._aead.encrypt(nonce, plain, aad)
             plain.release()
             # Two writes instead of nonce + sealed: concatenating would copy the chunk.
-            _write_all(self._fd, nonce)
-            _write_all(self._fd, sealed)
+            write_all(self._fd, nonce)
+            write_all(self._fd, sealed)
             self._stored += NONCE_SIZE + len(sealed)
             self._size += self._filled
             self._index += 1
@@ -535,7 +521,7 @@ class BlobWriter:
         shard = self._final_path.parent
         if not shard.is_dir():
             shard.mkdir(mode=_DIR_MODE, exist_ok=True)
-            _fsync_dir(shard.parent)
+            fsync_dir(shard.parent)
         try:
             # link() fails if the name exists, unlike rename(): a colliding blob id
             # must never silently replace another patient's file.
@@ -556,7 +542,7 @@ class BlobWriter:
             os.rename(self._tmp_path, self._final_path)
         else:
             os.unlink(self._tmp_path)
-        _fsync_dir(shard)
+        fsync_dir(shard)
 
     def _release_buffer(self) -> None:
         self._buf = bytearray()

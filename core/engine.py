@@ -212,9 +212,14 @@ def _resolve(case: Case, status: ItemStatus, ctx: Context, out: Outcome, ack: st
     _advance(case, ctx, out)
 
 
-def _stale(event: Event, case: Case) -> bool:
-    """A button pressed on an earlier step's message: its item is not the current one."""
-    return bool(event.arg) and event.arg != case.current_item
+def _answered_stale(case: Case, event: Event, ctx: Context, out: Outcome) -> bool:
+    """A button pressed on an earlier step's message (its item is not the current one) is
+    answered with where we are now, and changes nothing."""
+    if not event.arg or event.arg == case.current_item:
+        return False
+    out.replies.append(reply(Text("button.stale")))
+    out.replies.append(prompt_for(case, ctx))
+    return True
 
 
 # --- actions ---------------------------------------------------------------------------
@@ -371,9 +376,7 @@ def _password(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
 
 
 def _done(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
-    if _stale(event, case):
-        out.replies.append(reply(Text("button.stale")))
-        out.replies.append(prompt_for(case, ctx))
+    if _answered_stale(case, event, ctx, out):
         return
     item = _current(case, ctx)
     if not case.progress(item.key).files:
@@ -383,9 +386,7 @@ def _done(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
 
 
 def _skip(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
-    if _stale(event, case):
-        out.replies.append(reply(Text("button.stale")))
-        out.replies.append(prompt_for(case, ctx))
+    if _answered_stale(case, event, ctx, out):
         return
     item = _current(case, ctx)
     if item.required:
@@ -395,9 +396,7 @@ def _skip(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
 
 
 def _dont_have(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
-    if _stale(event, case):
-        out.replies.append(reply(Text("button.stale")))
-        out.replies.append(prompt_for(case, ctx))
+    if _answered_stale(case, event, ctx, out):
         return
     _resolve(case, ItemStatus.DONT_HAVE, ctx, out, "item.dont_have_recorded")
 
@@ -491,11 +490,9 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
         _agree, frozenset({State.PROCEDURE, State.COLLECTING, State.COMPLETE})
     ),
     (State.CONSENT, EventKind.DECLINE): Transition(_decline, _stay(State.CONSENT)),
-    (State.PROCEDURE, EventKind.START): Transition(
-        _start, frozenset({State.PROCEDURE, State.COLLECTING})
-    ),
+    (State.PROCEDURE, EventKind.START): Transition(_start, _PROCEDURE_OR_COLLECT),
     (State.PROCEDURE, EventKind.CHOOSE_PROCEDURE): Transition(
-        _choose_procedure, frozenset({State.PROCEDURE, State.COLLECTING})
+        _choose_procedure, _PROCEDURE_OR_COLLECT
     ),
     (State.COLLECTING, EventKind.START): Transition(_start, _stay(State.COLLECTING)),
     (State.COLLECTING, EventKind.FILE): Transition(_file, _COLLECT_OR_DONE),

@@ -33,7 +33,6 @@ from adapters.keys import load_or_create_master_key
 from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
-from bot.shell import LocalFileSource, local_incoming
 from core.coordination import (
     CALLBACK_DATA_MAX,
     LIST_LIMIT,
@@ -47,7 +46,7 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from core.replies import Reply
 from handlers import coordinator, patient
-from tests.files import dicom_path, document_photo, pdf_bytes
+from tests.scenario import walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # in COORDINATOR_IDS
@@ -175,31 +174,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 async def _complete_case(app: App, tmp_path: Path, chat_id: int) -> None:
     who = Patient(chat_id=chat_id, user_id=chat_id, language_code="en")
-    referral = tmp_path / "referral.pdf"
-    referral.write_bytes(pdf_bytes(["Referral"]))
-    photo = tmp_path / "id.jpg"
-    photo.write_bytes(document_photo())
-    steps: list[Event | Path] = [
-        Event(EventKind.START),
-        Event(EventKind.AGREE),
-        Event(EventKind.CHOOSE_PROCEDURE, "general"),
-        referral,
-        Event(EventKind.DONE, "referral"),
-        dicom_path(),
-        Event(EventKind.DONE, "imaging"),
-        Event(EventKind.SKIP, "reports"),
-        Event(EventKind.DONT_HAVE, "lab_results"),
-        Event(EventKind.TEXT, "none"),
-        Event(EventKind.SKIP, "past_records"),
-        photo,
-        Event(EventKind.DONE, "identity"),
-    ]
-    for update_id, step in enumerate(steps, start=chat_id * 100):
-        if isinstance(step, Path):
-            incoming = local_incoming(step)
-            await app.service.handle_file(who, incoming, LocalFileSource(), update_id)
-        else:
-            await app.service.handle(who, step, update_id)
+    await walk_to_complete(app, who, tmp_path, chat_id * 100, answer="none")
 
 
 async def _case_id(app: App, chat_id: int) -> str:

@@ -15,13 +15,10 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from adapters.telegram import OutboxSender
 from bot.app import build_app, prepare
 from bot.settings import Settings
-from bot.shell import LocalFileSource, local_incoming
-from core.events import Event, EventKind
 from core.ports import Patient
 from core.replies import Text, reply
 from tests.botproc import BotProcess
 from tests.emulator import BotApiEmulator
-from tests.files import dicom_path, document_photo, pdf_bytes
 from tests.harness import (
     COORDINATOR,
     GLOBAL_LIMIT,
@@ -30,6 +27,7 @@ from tests.harness import (
     max_per_window,
     run_harness,
 )
+from tests.scenario import walk_to_complete
 
 
 @pytest.mark.e2e
@@ -53,32 +51,8 @@ async def _complete_case_in_process(settings: Settings, chat_id: int, tmp_path: 
     await asyncio.to_thread(prepare, settings)
     app = build_app(settings)
     patient = Patient(chat_id=chat_id, user_id=chat_id, language_code="en")
-    referral, photo = tmp_path / "referral.pdf", tmp_path / "id.jpg"
-    referral.write_bytes(pdf_bytes(["Referral"]))
-    photo.write_bytes(document_photo())
-    steps: list[Event | Path] = [
-        Event(EventKind.START),
-        Event(EventKind.AGREE),
-        Event(EventKind.CHOOSE_PROCEDURE, "general"),
-        referral,
-        Event(EventKind.DONE, "referral"),
-        dicom_path(),
-        Event(EventKind.DONE, "imaging"),
-        Event(EventKind.SKIP, "reports"),
-        Event(EventKind.DONT_HAVE, "lab_results"),
-        Event(EventKind.TEXT, "Metformin 500 mg twice a day."),
-        Event(EventKind.SKIP, "past_records"),
-        photo,
-        Event(EventKind.DONE, "identity"),
-    ]
     try:
-        for update_id, step in enumerate(steps, start=1):
-            if isinstance(step, Path):
-                await app.service.handle_file(
-                    patient, local_incoming(step), LocalFileSource(), update_id
-                )
-            else:
-                await app.service.handle(patient, step, update_id)
+        await walk_to_complete(app, patient, tmp_path, 1, answer="Metformin 500 mg twice a day.")
     finally:
         await app.close()
 

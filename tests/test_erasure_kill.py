@@ -21,7 +21,8 @@ from bot.settings import Settings
 from bot.shell import LocalFileSource, local_incoming
 from core.events import Event, EventKind
 from core.ports import Patient
-from tests.files import dicom_path, document_photo, pdf_bytes
+from tests.files import pdf_bytes
+from tests.scenario import walk_to_complete
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT = 77
@@ -33,33 +34,7 @@ async def _complete_case(data_dir: Path, tmp: Path) -> None:
     settings = Settings(data_dir=data_dir, coordinator_chat_id=-5)
     await asyncio.to_thread(prepare, settings)
     app = build_app(settings)
-    patient = Patient(CHAT, CHAT, "en")
-    referral = tmp / "ref.pdf"
-    referral.write_bytes(pdf_bytes(["Referral"]))
-    photo = tmp / "id.jpg"
-    photo.write_bytes(document_photo())
-    update = 100
-    for step in [
-        Event(EventKind.START),
-        Event(EventKind.AGREE),
-        Event(EventKind.CHOOSE_PROCEDURE, "general"),
-        referral,
-        Event(EventKind.DONE, "referral"),
-        dicom_path(),
-        Event(EventKind.DONE, "imaging"),
-        Event(EventKind.SKIP, "reports"),
-        Event(EventKind.SKIP, "lab_results"),
-        Event(EventKind.TEXT, "None"),
-        Event(EventKind.SKIP, "past_records"),
-        photo,
-        Event(EventKind.DONE, "identity"),
-    ]:
-        if isinstance(step, Path):
-            incoming = local_incoming(step)
-            await app.service.handle_file(patient, incoming, LocalFileSource(), update)
-        else:
-            await app.service.handle(patient, step, update)
-        update += 1
+    await walk_to_complete(app, Patient(CHAT, CHAT, "en"), tmp, 100, answer="None")
     await app.close()
 
 

@@ -18,6 +18,7 @@ from bot.shell import LocalFileSource, local_incoming
 from core.events import Event, EventKind
 from core.ports import Patient
 from tests.files import dicom_path, document_photo, pdf_bytes
+from tests.scenario import walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = -100500
@@ -203,40 +204,11 @@ async def test_locked_pdf_opens_with_the_typed_password(app: App, tmp_path: Path
     assert any("file.password_accepted" in t for t in texts)
 
 
-async def _walk_to_complete(app: App, patient: Patient, tmp_path: Path, first_update: int) -> int:
-    referral = tmp_path / f"ref{first_update}.pdf"
-    referral.write_bytes(pdf_bytes([f"Referral {first_update}"]))
-    photo = tmp_path / f"id{first_update}.jpg"
-    photo.write_bytes(document_photo(f"Passport {first_update}"))
-    update = first_update
-    for step in [
-        Event(EventKind.START),
-        Event(EventKind.AGREE),
-        Event(EventKind.CHOOSE_PROCEDURE, "general"),
-        referral,
-        Event(EventKind.DONE, "referral"),
-        dicom_path(),
-        Event(EventKind.DONE, "imaging"),
-        Event(EventKind.SKIP, "reports"),
-        Event(EventKind.SKIP, "lab_results"),
-        Event(EventKind.TEXT, SECRET_ANSWER),
-        Event(EventKind.SKIP, "past_records"),
-        photo,
-        Event(EventKind.DONE, "identity"),
-    ]:
-        if isinstance(step, Path):
-            await send(app, patient, step, update)
-        else:
-            await app.service.handle(patient, step, update)
-        update += 1
-    return update
-
-
 async def test_delete_crypto_erases_and_a_late_duplicate_brings_nothing_back(
     app: App, tmp_path: Path
 ) -> None:
     patient = Patient(41, 41, "en")
-    update = await _walk_to_complete(app, patient, tmp_path, 100)
+    update = await walk_to_complete(app, patient, tmp_path, 100, SECRET_ANSWER)
     assert await count(app, FileRow) == 3
     await app.service.handle(patient, Event(EventKind.DELETE_REQUEST), update)
     await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), update + 1)
@@ -260,8 +232,8 @@ async def test_delete_crypto_erases_and_a_late_duplicate_brings_nothing_back(
 
 async def test_retention_erases_cases_closed_long_ago(app: App, tmp_path: Path) -> None:
     old, recent = Patient(51, 51, "en"), Patient(52, 52, "en")
-    await _walk_to_complete(app, old, tmp_path, 200)
-    await _walk_to_complete(app, recent, tmp_path, 300)
+    await walk_to_complete(app, old, tmp_path, 200)
+    await walk_to_complete(app, recent, tmp_path, 300)
     async with app.store.session() as session:
         row = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 51))).one()
         row.completed_at = row.completed_at - timedelta(days=400)  # type: ignore[operator]
@@ -366,7 +338,7 @@ async def test_another_patient_replaying_every_button_reaches_only_their_own_cas
     from core.events import BUTTON_EVENTS
 
     victim, other = Patient(91, 91, "en"), Patient(92, 92, "en")
-    update = await _walk_to_complete(app, victim, tmp_path, 900)
+    update = await walk_to_complete(app, victim, tmp_path, 900)
     async with app.store.session() as session:
         rows = (await session.exec(select(OutboxRow).where(OutboxRow.chat_id == 91))).all()
         victim_case = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 91))).one()
