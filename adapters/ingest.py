@@ -22,6 +22,7 @@ from core.model import FileRef
 from core.ports import FileSource, IncomingFile, StoredFile, StoredMember
 from core.replies import Text
 from intake import Kind, Severity, Verdict, runner
+from intake.image import LEGIBILITY_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +61,10 @@ def blob_id_for(case_id: str, unique_id: str) -> str:
     return hashlib.sha256(f"{case_id}\0{unique_id}".encode()).hexdigest()[:40]
 
 
-# Rejections a better photo can fix; after two of them the next file is taken with a
-# warning for the coordinator (see core.engine.REJECTIONS_BEFORE_LENIENCY).
-LEGIBILITY_CODES = frozenset(
-    {
-        "photo_low_resolution",
-        "photo_too_dark",
-        "photo_washed_out",
-        "photo_low_contrast",
-        "photo_blurred",
-        "photo_glare",
-        "photo_cut_off",
-        "image_blank",
-        "pdf_pages_illegible",
-    }
-)
+# Rejections a better photo can fix (the photo check's own list, and a PDF whose scanned
+# pages failed it); after two of them the next file is taken with a warning for the
+# coordinator (see core.engine.REJECTIONS_BEFORE_LENIENCY).
+LEGIBILITY_CODES = frozenset(LEGIBILITY_ERRORS) | {"pdf_pages_illegible"}
 
 
 def retakeable(verdict: Verdict) -> bool:

@@ -376,3 +376,14 @@ async def test_another_patient_replaying_every_button_reaches_only_their_own_cas
     async with app.store.session() as session:
         leaked = (await session.exec(select(OutboxRow).where(OutboxRow.chat_id == 92))).all()
     assert all(victim_case.id not in row.payload for row in leaked)
+
+
+def test_every_legibility_rejection_allows_the_lenient_third_try() -> None:
+    """The retake rule follows the photo check's own list, OCR's `photo_unreadable` included."""
+    from adapters.ingest import retakeable
+    from intake.image import LEGIBILITY_ERRORS
+    from intake.verdict import Finding, Kind, Severity, verdict_from
+
+    for code in (*LEGIBILITY_ERRORS, "pdf_pages_illegible"):
+        assert retakeable(verdict_from(Kind.IMAGE, [Finding(code, Severity.ERROR)])), code
+    assert not retakeable(verdict_from(Kind.PDF, [Finding("pdf_corrupt", Severity.ERROR)]))
