@@ -86,6 +86,14 @@ def patient_notes(verdict: Verdict) -> tuple[Text, ...]:
     )
 
 
+# Findings the coordinator must see at a glance (flags on the case-ready alert).
+ACTIVE_CONTENT = {
+    "pdf_javascript": "active_content",
+    "pdf_embedded_files": "active_content",
+    "office_macros": "active_content",
+}
+
+
 def file_ref(file_id: str, verdict: Verdict) -> FileRef:
     return FileRef(
         file_id=file_id,
@@ -94,6 +102,10 @@ def file_ref(file_id: str, verdict: Verdict) -> FileRef:
         notes=patient_notes(verdict),
         retakeable=retakeable(verdict),
         needs_password=any(f.code == "pdf_password_required" for f in verdict.findings),
+        language=verdict.metadata.get("language") or None,
+        flags=tuple(
+            sorted({ACTIVE_CONTENT[f.code] for f in verdict.findings if f.code in ACTIVE_CONTENT})
+        ),
     )
 
 

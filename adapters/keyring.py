@@ -56,3 +56,10 @@ class KeyRing:
 
     def decrypt_inbox(self, update_id: int, token: str) -> str:
         return keys.decrypt_field(self._inbox_key, token, f"inbox/{update_id}")
+
+    def seal_outgoing(self, payload: str) -> str:
+        """An outbox message that must not sit in the database in clear (a bundle password)."""
+        return keys.encrypt_field(self._inbox_key, payload, "outbox/sealed")
+
+    def unseal_outgoing(self, token: str) -> str:
+        return keys.decrypt_field(self._inbox_key, token, "outbox/sealed")

@@ -49,6 +49,8 @@ def _file_to_json(ref: FileRef) -> dict[str, Any]:
         "status": ref.status,
         "notes": [n.to_dict() for n in ref.notes],
         "retakeable": ref.retakeable,
+        "language": ref.language,
+        "flags": list(ref.flags),
     }
 
 
@@ -59,6 +61,8 @@ def _file_from_json(data: dict[str, Any]) -> FileRef:
         data["status"],
         tuple(Text.from_dict(n) for n in data.get("notes", ())),
         data.get("retakeable", False),
+        language=data.get("language"),
+        flags=tuple(data.get("flags", ())),
     )
 
 
@@ -111,6 +115,7 @@ class SqlTransaction:
                 files=[_file_from_json(f) for f in json.loads(item.files_json)],
                 answer=answer,
                 rejected_uploads=item.rejected_uploads,
+                review=item.review,
             )
         return case
 
@@ -158,6 +163,7 @@ class SqlTransaction:
             item.status = progress.status.value
             item.files_json = json.dumps([_file_to_json(f) for f in progress.files])
             item.rejected_uploads = progress.rejected_uploads
+            item.review = progress.review
             item.answer_enc = (
                 None
                 if progress.answer is None
@@ -290,8 +296,15 @@ class SqlTransaction:
         return invite.procedure
 
     async def enqueue(
-        self, chat_id: int, locale: str, reply: Reply, dedup_key: str | None = None
+        self,
+        chat_id: int,
+        locale: str,
+        reply: Reply,
+        dedup_key: str | None = None,
+        *,
+        sealed: bool = False,
     ) -> None:
+        """Queue a message; `sealed` keeps it encrypted until sent (and scrubbed after)."""
         if dedup_key is not None:
             taken = await self.session.exec(
                 select(OutboxRow.id).where(OutboxRow.dedup_key == dedup_key)
@@ -302,8 +315,26 @@ class SqlTransaction:
             OutboxRow(
                 chat_id=chat_id,
                 locale=locale,
-                payload=json.dumps(reply.to_dict(), ensure_ascii=False),
+                payload=self._payload(reply, sealed),
                 dedup_key=dedup_key,
+                created_at=utcnow(),
+            )
+        )
+
+    def _payload(self, reply: Reply, sealed: bool) -> str:
+        text = json.dumps(reply.to_dict(), ensure_ascii=False)
+        return json.dumps({"sealed": self.keys.seal_outgoing(text)}) if sealed else text
+
+    async def enqueue_media(
+        self, chat_id: int, locale: str, media: dict[str, Any], caption: Reply
+    ) -> None:
+        """Queue a picture made at send time (see adapters.media): only ids are stored."""
+        payload = {"media": media, "caption": caption.to_dict()}
+        self.session.add(
+            OutboxRow(
+                chat_id=chat_id,
+                locale=locale,
+                payload=json.dumps(payload, ensure_ascii=False),
                 created_at=utcnow(),
             )
         )

@@ -27,6 +27,7 @@ class CaseRow(SQLModel, table=True):
     completed_at: datetime | None = None
     completions: int = 0
     password_file: str | None = Field(default=None, max_length=32)
+    handed_off_at: datetime | None = None  # the hospital bundle was exported
     wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime
     updated_at: datetime
@@ -41,6 +42,7 @@ class ItemRow(SQLModel, table=True):
     files_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
     answer_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     rejected_uploads: int = 0
+    review: str | None = Field(default=None, max_length=64)  # accepted, or a send-back reason
 
 
 class FileRow(SQLModel, table=True):
@@ -76,6 +78,20 @@ class FileMemberRow(SQLModel, table=True):
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     sha256: str = Field(max_length=64)
     name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class CoordinatorPromptRow(SQLModel, table=True):
+    """A coordinator was asked to type something (a send-back reason): their next message
+    in that chat is the answer. One per coordinator; kept in the database so a restart
+    between the question and the answer loses nothing."""
+
+    __tablename__ = "coordinator_prompts"
+
+    user_id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    chat_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    case_id: str = Field(max_length=32)
+    item_key: str = Field(max_length=64)
+    created_at: datetime
 
 
 class InviteRow(SQLModel, table=True):

@@ -32,20 +32,28 @@ from aiogram.exceptions import (
     TelegramServerError,
     TelegramUnauthorizedError,
 )
-from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from aiogram.types import (
+    BufferedInputFile,
+    FSInputFile,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Update,
+)
 from sqlalchemy import or_
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col, select
 
+from adapters.media import CaseMedia, PreviewUnavailable
 from adapters.store import SqlStore, utcnow
 from adapters.tables import InboxRow, OutboxRow
-from core.replies import Reply, Text
+from core.replies import Reply, Text, Verbatim
 from handlers.render import Translator
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # then an update is parked and the patient told something went wrong
 ALBUM_WAIT_S = 1.0  # how long the first part of an album waits for the others
+CAPTION_MAX = 1024  # Telegram's limit for a photo's caption
 
 
 def backoff(attempt: int) -> float:
@@ -376,8 +384,10 @@ class OutboxSender:
         translator: Translator,
         wake: asyncio.Event,
         protected_chats: frozenset[int] = frozenset(),
+        media: CaseMedia | None = None,
     ) -> None:
         self._bot = bot
+        self._media = media  # previews for coordinators, made at send time
         self._store = store
         self._translator = translator
         self._wake = wake
@@ -477,9 +487,15 @@ class OutboxSender:
             await self._mark(row.id, "sending")
         try:
             payload = json.loads(row.payload)
+            if "sealed" in payload:
+                payload = json.loads(self._store.keys.unseal_outgoing(payload["sealed"]))
             if "delete_message" in payload:
                 await self._limiter.wait_turn(row.chat_id)
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
+            elif "media" in payload and payload["media"].get("type") == "export":
+                await self._deliver_bundle(row.chat_id, row.locale, payload)
+            elif "media" in payload:
+                await self._deliver_media(row.chat_id, row.locale, payload)
             else:
                 await self._deliver(row.chat_id, row.locale, Reply.from_dict(payload))
         except TelegramRetryAfter as exc:
@@ -518,6 +534,50 @@ class OutboxSender:
                 protect_content=chat_id in self._protected or None,
             )
 
+    async def _deliver_media(self, chat_id: int, locale: str, payload: dict[str, Any]) -> None:
+        """A preview: made now from the vault, sent protected to a coordinator's chat only.
+        When it cannot be made, the caption goes as text with why."""
+        caption = Reply.from_dict(payload["caption"])
+        if self._media is None or chat_id not in self._protected:
+            log.error("preview refused for an unprotected chat=%s", chat_id)
+            return
+        try:
+            picture = await self._media.picture(payload["media"])
+        except PreviewUnavailable:
+            unavailable = Reply((*caption.parts, Text("preview.unavailable")))
+            await self._deliver(chat_id, locale, unavailable)
+            return
+        text = self._translator.render(locale, caption).texts[0][:CAPTION_MAX]
+        extension = "png" if picture.mime == "image/png" else "jpg"
+        await self._limiter.wait_turn(chat_id)
+        await self._bot.send_photo(
+            chat_id,
+            BufferedInputFile(picture.data, filename=f"preview.{extension}"),
+            caption=text,
+            protect_content=True,
+        )
+
+    async def _deliver_bundle(self, chat_id: int, locale: str, payload: dict[str, Any]) -> None:
+        """The hand-off archive (AES-encrypted on disk) as a document, to a coordinator's chat.
+        Too big for the Bot API, or gone: the caption says where it is on the server."""
+        caption = Reply.from_dict(payload["caption"])
+        if self._media is None or chat_id not in self._protected:
+            log.error("bundle refused for an unprotected chat=%s", chat_id)
+            return
+        path = self._media.bundle_path(payload["media"])
+        if path is None:  # removed by the operator since: the caption still says it was made
+            await self._deliver(chat_id, locale, caption)
+            return
+        if path.stat().st_size > self._media.send_limit:
+            too_big = Text("coordinator.export_too_big", {"path": Verbatim(str(path))})
+            await self._deliver(chat_id, locale, Reply((*caption.parts, too_big)))
+            return
+        text = self._translator.render(locale, caption).texts[0][:CAPTION_MAX]
+        await self._limiter.wait_turn(chat_id)
+        await self._bot.send_document(
+            chat_id, FSInputFile(path, filename=path.name), caption=text, protect_content=True
+        )
+
     async def _reschedule(self, outbox_id: int, delay: float, count: bool) -> None:
         async with self._store.session() as session:
             row = await session.get(OutboxRow, outbox_id)
@@ -539,6 +599,8 @@ class OutboxSender:
             row = await session.get(OutboxRow, outbox_id)
             if row is not None:
                 row.status, row.sent_at = status, utcnow()
+                if row.payload.startswith('{"sealed"'):
+                    row.payload = '{"sealed": null}'  # sent: nothing of it stays
                 session.add(row)
 
 

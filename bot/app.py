@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from adapters.database import create_engine, is_sqlite
+from adapters.directory import button_secret, sign_button
 from adapters.erasure import Eraser
 from adapters.ingest import VaultIngest, check_in_worker
 from adapters.keyring import KeyRing
@@ -92,7 +94,11 @@ def build_app(settings: Settings) -> App:
         store,
         ingest,
         lambda: app_holder[0].context(),
-        Coordinator(settings.coordinator_chat_id, settings.coordinator_locale),
+        Coordinator(
+            settings.coordinator_chat_id,
+            settings.coordinator_locale,
+            functools.partial(sign_button, button_secret(master)),
+        ),
         settings.default_locale if settings.default_locale in locales else locales[0],
         eraser,
         delete_uploads=settings.delete_upload_messages,

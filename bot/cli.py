@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     invite = cases_sub.add_parser("invite", help="print a t.me deep link for a new case")
     invite.add_argument("--procedure", required=True)
     invite.add_argument("--bot-username", help="defaults to the bot's own, asked from the Bot API")
+    export = sub.add_parser(
+        "export", help="build a case's encrypted hand-off bundle (AES-256 ZIP with a manifest)"
+    )
+    export.add_argument("case_id")
+    export.add_argument(
+        "--out", type=Path, help="folder for the archive (default DATA_DIR/exports)"
+    )
     return parser
 
 
@@ -119,6 +126,8 @@ async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
             for problem in problems:
                 print(f"TAMPERING: {problem}", file=sys.stderr)
             return 1 if problems else 0
+        if args.command == "export":
+            return await _export(args, app)
         return await _cases(args, app)
     finally:
         await app.close()
@@ -139,6 +148,31 @@ async def _rotate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"care-companion: {exc}", file=sys.stderr)
         return 1
     return 0 if result.ok else 1
+
+
+async def _export(args: argparse.Namespace, app: object) -> int:
+    from adapters.export import ExportError, build_bundle
+    from bot.app import App
+    from core.replies import Text
+
+    assert isinstance(app, App)
+    locale = app.settings.coordinator_locale
+
+    def render(key: str, params: dict[str, object]) -> str:
+        return app.translator.text(locale, Text(key, params))
+
+    out = args.out or app.settings.data_dir / "exports"
+    try:
+        bundle = await build_bundle(
+            app.store, app.vault, app.checklists, args.case_id, out, render=render, actor="operator"
+        )
+    except ExportError as exc:
+        print(f"care-companion: {exc}", file=sys.stderr)
+        return 1
+    # The password goes to the hospital apart from the archive (another channel, or later).
+    print(f"archive: {bundle.path}")
+    print(f"password: {bundle.password}")
+    return 0
 
 
 async def _cases(args: argparse.Namespace, app: object) -> int:

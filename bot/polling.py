@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
+from pathlib import Path
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
@@ -14,10 +16,13 @@ from aiogram.exceptions import TelegramAPIError
 from aiogram.types import BotCommand
 
 from adapters.directory import CaseDirectory, button_secret
+from adapters.export import Bundle, build_bundle
 from adapters.keys import load_or_create_master_key
+from adapters.media import CLOUD_SEND_LIMIT, LOCAL_SEND_LIMIT, CaseMedia
 from adapters.telegram import InboxProcessor, OutboxSender, Poller, parked_notice
 from bot.app import App, build_app
 from bot.settings import Settings
+from core.replies import Text
 from handlers import coordinator, patient
 
 log = logging.getLogger(__name__)
@@ -50,6 +55,28 @@ async def set_commands(bot: Bot, app: App) -> None:
         await bot.set_my_commands(commands, language_code=locale)
 
 
+def exports_dir(settings: Settings) -> Path:
+    return settings.data_dir / "exports"
+
+
+async def export_case(app: App, case_id: str, actor: str) -> Bundle:
+    """The hand-off bundle, its manifest in the coordinators' language (a button's action)."""
+    locale = app.settings.coordinator_locale
+
+    def render(key: str, params: dict[str, object]) -> str:
+        return app.translator.text(locale, Text(key, params))
+
+    return await build_bundle(
+        app.store,
+        app.vault,
+        app.checklists,
+        case_id,
+        exports_dir(app.settings),
+        render=render,
+        actor=actor,
+    )
+
+
 async def run_polling(settings: Settings) -> None:
     app = build_app(settings)
     bot = make_bot(settings)
@@ -79,6 +106,8 @@ async def run_polling(settings: Settings) -> None:
         button_secret(master),
         checklists=app.checklists,
         locale=settings.coordinator_locale,
+        context=app.context,
+        exporter=functools.partial(export_case, app),
     )
     processor = InboxProcessor(
         bot,
@@ -92,7 +121,19 @@ async def run_polling(settings: Settings) -> None:
     coordinator_chats = frozenset(settings.coordinator_ids) | frozenset(
         [settings.coordinator_chat_id] if settings.coordinator_chat_id is not None else []
     )
-    sender = OutboxSender(bot, app.store, app.translator, outbox_wake, coordinator_chats)
+    sender = OutboxSender(
+        bot,
+        app.store,
+        app.translator,
+        outbox_wake,
+        coordinator_chats,
+        media=CaseMedia(
+            app.store,
+            app.vault,
+            exports_dir(settings),
+            LOCAL_SEND_LIMIT if settings.telegram_api_local else CLOUD_SEND_LIMIT,
+        ),
+    )
     poller = Poller(bot, app.store, inbox_wake, patient.ALLOWED_UPDATES)
 
     async def retention() -> None:

@@ -5,8 +5,8 @@ the reply in one transaction; this module only says what a view holds and how it
 Nothing here identifies a patient: a case is its random id, its procedure and the state
 of its items (names are never stored in clear, and never shown here).
 
-"Open" buttons carry the case id with a signature (`co:<case_id>:<sig>`), checked
-server-side before anything is shown, so callback data cannot be forged or guessed.
+Every button carries signed callback data (see `core.review`), checked server-side before
+anything is shown or done, so callback data cannot be forged or guessed.
 """
 
 from __future__ import annotations
@@ -17,26 +17,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from core import review
 from core.replies import Button, Lines, Reply, Text, Verbatim, reply
+from core.review import OPEN_ACTION, Signer, signed_button
 
-# Callback data of an "open" button: "co:<case_id>:<signature>".
-OPEN_ACTION = "co"
-SIGNATURE_HEX = 16  # first 16 hex digits (64 bits) of HMAC-SHA256
-CALLBACK_DATA_MAX = 64  # Telegram's limit, in bytes
 LIST_LIMIT = 30
 
 # /cases filters: name -> case states. None (or "all") lists every live case.
 FILTERS: dict[str, frozenset[str]] = {
     "waiting": frozenset({"new", "consent", "procedure", "collecting"}),
     "ready": frozenset({"complete"}),
+    "sent_back": frozenset({"collecting"}),  # and an item sent back (adapter narrows)
+    "handed_off": frozenset({"complete"}),  # and exported (adapter narrows; "ready" excludes)
 }
 ALL = "all"
 LIVE_STATES = frozenset({"new", "consent", "procedure", "collecting", "complete"})
 
 _CASE_ID = re.compile(r"[0-9a-f]{32}")
-_SIGNATURE = re.compile(rf"[0-9a-f]{{{SIGNATURE_HEX}}}")
 _STATES = frozenset({"new", "consent", "procedure", "collecting", "complete"})
-_ITEM_STATUSES = frozenset({"pending", "received", "done", "skipped", "dont_have"})
+_ITEM_STATUSES = frozenset({"pending", "received", "done", "skipped", "dont_have", "sent_back"})
 _KINDS = frozenset({"pdf", "dicom", "image", "office", "zip", "other"})
 _VERDICTS = ("accepted", "noted", "rejected")
 
@@ -50,7 +49,8 @@ def dynamic_keys() -> frozenset[str]:
         "verdict": frozenset(_VERDICTS),
         "filter": frozenset({ALL, *FILTERS}),
     }
-    return frozenset(f"coordinator.{family}.{v}" for family, vs in families.items() for v in vs)
+    built = {f"coordinator.{family}.{v}" for family, vs in families.items() for v in vs}
+    return frozenset(built | review.dynamic_keys())
 
 
 class UnknownFilter(ValueError):
@@ -75,14 +75,6 @@ def is_case_id(value: str) -> bool:
     return _CASE_ID.fullmatch(value) is not None
 
 
-def parse_open_arg(arg: str) -> tuple[str, str] | None:
-    """(case_id, signature) from the arg of an "open" button, or None when malformed."""
-    case_id, sep, signature = arg.partition(":")
-    if not sep or not is_case_id(case_id) or _SIGNATURE.fullmatch(signature) is None:
-        return None
-    return case_id, signature
-
-
 @dataclass(frozen=True)
 class Viewer:
     """A coordinator looking from one chat (their private chat or the coordinators' chat)."""
@@ -103,7 +95,6 @@ class CaseSummary:
     procedure: str | None  # checklist key
     procedure_title: str | None  # the checklist's title (a msgid); None if unknown
     updated_at: datetime
-    signature: str  # signs the "open" button's callback data
 
 
 @dataclass(frozen=True)
@@ -118,6 +109,7 @@ class FileSummary:
     kind: str  # intake Kind value
     verdict: str  # intake Status value: accepted, noted, rejected
     counted: bool  # the case counts it towards its item (the engine accepted it)
+    file_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -128,6 +120,12 @@ class ItemView:
     status: str  # core.model.ItemStatus value
     has_answer: bool
     files: tuple[FileSummary, ...] = ()
+    review: str | None = None  # core.model.ItemProgress.review
+
+    @property
+    def reviewable(self) -> bool:
+        """Something to accept or send back: files or an answer, or an item sent back."""
+        return bool(self.files) or self.has_answer
 
     @property
     def counted(self) -> int:
@@ -155,6 +153,10 @@ class CaseView:
     current_title: str | None
     completions: int
     items: tuple[ItemView, ...]
+    handed_off: bool = False
+
+    def item_at(self, index: int) -> ItemView | None:
+        return self.items[index] if 0 <= index < len(self.items) else None
 
 
 class CoordinatorDesk(Protocol):
@@ -172,21 +174,41 @@ class CoordinatorDesk(Protocol):
         self, case_id: str, *, viewer: Viewer, update_id: int | None = None, via: str = "command"
     ) -> CaseView | None: ...
 
+    async def review_item(
+        self, case_id: str, index: int, *, viewer: Viewer, update_id: int | None = None
+    ) -> None: ...
+
+    async def decide(
+        self,
+        case_id: str,
+        index: int,
+        code: str,
+        *,
+        viewer: Viewer,
+        update_id: int | None = None,
+        typed: str | None = None,
+    ) -> None: ...
+
+    async def pending_prompt(self, viewer: Viewer) -> tuple[str, str] | None: ...
+
+    async def typed_reason(self, text: str, *, viewer: Viewer, update_id: int) -> None: ...
+
+    async def export(
+        self, case_id: str, *, viewer: Viewer, update_id: int | None = None
+    ) -> None: ...
+
     async def usage(self, *, viewer: Viewer, update_id: int | None = None) -> None: ...
 
-    def verify(self, case_id: str, signature: str) -> bool: ...
+    def verify(self, unsigned: str, signature: str) -> bool: ...
 
 
-def open_button(case_id: str, signature: str) -> Button:
-    button = Button(
+def open_button(case_id: str, sign: Signer) -> Button:
+    return signed_button(
         Text("coordinator.open_button", {"case_id": Verbatim(case_id[:8])}),
+        sign,
         OPEN_ACTION,
-        f"{case_id}:{signature}",
+        case_id,
     )
-    data = f"{button.action}:{button.arg}"
-    if len(data.encode()) > CALLBACK_DATA_MAX:
-        raise ValueError("callback data longer than Telegram allows")
-    return button
 
 
 def _state(state: str) -> Text | Verbatim:
@@ -209,7 +231,7 @@ def _when(at: datetime) -> Verbatim:
     return Verbatim(at.strftime("%Y-%m-%d %H:%M"))
 
 
-def cases_reply(listing: CaseList) -> Reply:
+def cases_reply(listing: CaseList, sign: Signer) -> Reply:
     """The /cases answer: one line per case, most recent first, an "open" button each."""
     header = Text(
         "coordinator.cases_header",
@@ -234,7 +256,7 @@ def cases_reply(listing: CaseList) -> Reply:
     parts: list[Text | Lines] = [header, lines]
     if listing.more:
         parts.append(Text("coordinator.cases_more", {"limit": LIST_LIMIT}))
-    buttons = tuple((open_button(c.case_id, c.signature),) for c in listing.cases)
+    buttons = tuple((open_button(c.case_id, sign),) for c in listing.cases)
     return reply(*parts, buttons=buttons)
 
 
@@ -259,25 +281,39 @@ def _verdict(verdict: str, count: int) -> Text:
     return Text("coordinator.verdict_count", {"count": count, "verdict": label})
 
 
-def item_line(item: ItemView) -> Text:
+def item_line(item: ItemView, position: int | None = None) -> Text:
     params: dict[str, object] = {
         "title": _item_title(item),
         "status": _item_status(item.status),
     }
     if not item.files:
         key = "coordinator.case_item_answer" if item.has_answer else "coordinator.case_item"
-        return Text(key, params)
-    params |= {
-        "counted": item.counted,
-        "files": len(item.files),
-        "kinds": tuple(_kind(k) for k in item.kinds) or Text("coordinator.none"),
-        "verdicts": tuple(_verdict(v, n) for v, n in item.verdicts.items()),
-    }
-    return Text("coordinator.case_item_files", params)
+        line = Text(key, params)
+    else:
+        params |= {
+            "counted": item.counted,
+            "files": len(item.files),
+            "kinds": tuple(_kind(k) for k in item.kinds) or Text("coordinator.none"),
+            "verdicts": tuple(_verdict(v, n) for v, n in item.verdicts.items()),
+        }
+        line = Text("coordinator.case_item_files", params)
+    label = review.review_label(item.review)
+    if label is not None:
+        line = Text("coordinator.item_with_review", {"line": line, "review": label})
+    if position is not None:
+        line = Text("coordinator.numbered", {"n": position, "line": line})
+    return line
 
 
-def case_reply(view: CaseView) -> Reply:
-    """The case view: state, procedure, the item asked now, each item with its files."""
+def _reviewable(view: CaseView) -> list[tuple[int, Text | Verbatim]]:
+    if view.state not in ("collecting", "complete"):
+        return []
+    return [(i, _item_title(item)) for i, item in enumerate(view.items) if item.reviewable]
+
+
+def case_reply(view: CaseView, sign: Signer) -> Reply:
+    """The case view: state, procedure, the item asked now, each item with its files;
+    a review button per item that holds something, and export once the case is complete."""
     parts: list[Text | Lines] = [
         Text(
             "coordinator.case_header",
@@ -297,10 +333,90 @@ def case_reply(view: CaseView) -> Reply:
         )
         parts.append(Text("coordinator.case_current", {"item": current}))
     if view.items:
-        parts.append(Lines(tuple(item_line(item) for item in view.items)))
+        parts.append(Lines(tuple(item_line(item, i + 1) for i, item in enumerate(view.items))))
     else:
         parts.append(Text("coordinator.case_no_items"))
-    return reply(*parts)
+    if view.handed_off:
+        parts.append(Text("coordinator.handed_off"))
+    rows = review.review_rows(sign, view.case_id, _reviewable(view))
+    if view.state == "complete":
+        rows += ((export_button(view.case_id, sign),),)
+    return reply(*parts, buttons=rows)
+
+
+def export_button(case_id: str, sign: Signer) -> Button:
+    return signed_button(Text("coordinator.export_button"), sign, review.EXPORT_ACTION, case_id)
+
+
+def item_review_reply(view: CaseView, index: int, sign: Signer) -> Reply:
+    """One item up for review: what it holds, then accept or send back."""
+    item = view.items[index]
+    header = Text(
+        "coordinator.review_header",
+        {"case_id": Verbatim(view.case_id[:8]), "line": item_line(item, index + 1)},
+    )
+    return reply(header, buttons=review.decision_buttons(sign, view.case_id, index))
+
+
+def decided_reply(view: CaseView, index: int, code: str, sign: Signer) -> Reply:
+    """What the coordinator reads after deciding: accepted, or sent back (the patient told)."""
+    item = view.items[index]
+    key = "coordinator.accepted" if code == review.ACCEPT else "coordinator.sent_back"
+    params = {"case_id": Verbatim(view.case_id[:8]), "title": _item_title(item)}
+    return reply(Text(key, params), buttons=((open_button(view.case_id, sign),),))
+
+
+def ask_reason_reply(view: CaseView, index: int) -> Reply:
+    """ "Type the reason": the coordinator's next message in this chat is sent to the patient."""
+    title = _item_title(view.items[index])
+    return reply(
+        Text("coordinator.type_reason", {"case_id": Verbatim(view.case_id[:8]), "title": title})
+    )
+
+
+# Pictures per item when it is opened for review: a DICOM study is one contact sheet,
+# each PDF and photo one picture; more would flood the chat (the case view lists all).
+MAX_PREVIEWS = 4
+PREVIEW_KINDS = frozenset({"pdf", "image"})
+STUDY_KINDS = frozenset({"dicom", "zip"})  # a CD's ZIP is previewed through its DICOM files
+
+
+def preview_groups(item: ItemView) -> list[tuple[str, list[str]]]:
+    """(preview kind, file ids) for the pictures of an item: the study first, then files."""
+    kept = [f for f in item.files if f.verdict != "rejected" and f.file_id]
+    groups: list[tuple[str, list[str]]] = []
+    study = [f.file_id for f in kept if f.kind in STUDY_KINDS]
+    if study:
+        groups.append(("dicom", study))
+    groups += [(f.kind, [f.file_id]) for f in kept if f.kind in PREVIEW_KINDS]
+    return groups[:MAX_PREVIEWS]
+
+
+def preview_caption(view: CaseView, index: int, kind: str, n: int, of: int) -> Reply:
+    title = _item_title(view.items[index])
+    params = {"case_id": Verbatim(view.case_id[:8]), "title": title, "kind": _kind(kind)}
+    return reply(Text("coordinator.preview_caption", {**params, "n": n, "of": of}))
+
+
+def export_ready_reply(case_id: str, files: int) -> Reply:
+    return reply(
+        Text("coordinator.export_ready", {"case_id": Verbatim(case_id[:8]), "files": files})
+    )
+
+
+def export_password_reply(case_id: str, password: str) -> Reply:
+    """Sent apart from the archive: forward the two to the hospital by different ways."""
+    params = {"case_id": Verbatim(case_id[:8]), "password": Verbatim(password)}
+    return reply(Text("coordinator.export_password", params))
+
+
+def export_failed_reply() -> Reply:
+    return reply(Text("coordinator.export_failed"))
+
+
+def cannot_review_reply() -> Reply:
+    """The item or case changed since the button was shown (or holds nothing to review)."""
+    return reply(Text("coordinator.cannot_review"))
 
 
 def not_found_reply() -> Reply:

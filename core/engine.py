@@ -178,6 +178,7 @@ _STATUS_MARKS: Final = {
     ItemStatus.DONE: "✅",
     ItemStatus.SKIPPED: "➖",
     ItemStatus.DONT_HAVE: "🚫",
+    ItemStatus.SENT_BACK: "🔁",
 }
 
 
@@ -319,6 +320,7 @@ def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         out.replies.append(reply(Text("file.accepted_after_retakes")))
     progress.files.append(file)
     progress.status = ItemStatus.RECEIVED
+    progress.review = None  # new files: the coordinator reviews the item afresh
     notes = file.notes  # notes of an accepted file: a CD's study summary, "send as File"...
     if len(progress.files) >= item.max_files:
         progress.status = ItemStatus.DONE
@@ -361,6 +363,7 @@ def _text(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         out.replies.append(reply(Text("item.answer_too_short"), buttons=_item_buttons(case, item)))
         return
     case.progress(item.key).answer = answer
+    case.progress(item.key).review = None
     _resolve(case, ItemStatus.DONE, ctx, out, "item.answer_saved")
 
 
@@ -399,6 +402,28 @@ def _dont_have(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     if _answered_stale(case, event, ctx, out):
         return
     _resolve(case, ItemStatus.DONT_HAVE, ctx, out, "item.dont_have_recorded")
+
+
+def _sent_back(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """The coordinator asked for an item again: its files no longer count, the patient reads
+    why, and the item is asked now (the one they were on comes round again after it)."""
+    checklist = _checklist(case, ctx)
+    if event.arg not in checklist.item_keys:
+        return  # checked by the caller; an item of an older checklist version is ignored
+    item = checklist.item(event.arg)
+    progress = case.progress(item.key)
+    progress.files = []
+    progress.answer = None
+    progress.rejected_uploads = 0
+    progress.status = ItemStatus.SENT_BACK
+    case.password_file = None
+    case.state = State.COLLECTING
+    case.current_item = item.key
+    reason = event.reason if event.reason is not None else Text("review.reason.other")
+    out.replies.append(
+        reply(Text("review.sent_back", {"title": Text(item.title), "reason": reason}))
+    )
+    out.replies.append(_item_prompt(case, ctx))
 
 
 def _language_menu(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -462,6 +487,10 @@ def _unsupported(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         out.replies.append(prompt_for(case, ctx))
 
 
+def _ignored(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """Nothing to do in this state (the caller refuses it first; the table stays total)."""
+
+
 def _not_now(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     """An event that does not fit the current step: say why, then show the step again."""
     if case.state is State.NEW:
@@ -502,6 +531,9 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (State.COLLECTING, EventKind.SKIP): Transition(_skip, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.DONT_HAVE): Transition(_dont_have, _COLLECT_OR_DONE),
     (State.COMPLETE, EventKind.START): Transition(_start, _stay(State.COMPLETE)),
+    # The coordinator sends an item back (core.review): it reopens; a complete case too.
+    (State.COLLECTING, EventKind.SENT_BACK): Transition(_sent_back, _stay(State.COLLECTING)),
+    (State.COMPLETE, EventKind.SENT_BACK): Transition(_sent_back, _stay(State.COLLECTING)),
     # A new privacy notice version: consent again before anything else (see `handle`).
     (State.PROCEDURE, EventKind.CONSENT_OUTDATED): Transition(
         _consent_outdated, _stay(State.CONSENT)
@@ -534,6 +566,7 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (ANY, EventKind.DONT_HAVE): Transition(_not_now, _GREETS),
     (ANY, EventKind.CONSENT_OUTDATED): Transition(_not_now, _GREETS),
     (ANY, EventKind.UNLOCK_TRIED): Transition(_not_now, _GREETS),
+    (ANY, EventKind.SENT_BACK): Transition(_ignored, _GREETS),
 }
 
 
@@ -560,7 +593,13 @@ def transition_for(state: State, kind: EventKind) -> Transition:
 
 # Events a patient may still use while asked to consent again to a new notice.
 _ALLOWED_BEFORE_RECONSENT = frozenset(
-    {EventKind.LANGUAGE_MENU, EventKind.CHOOSE_LANGUAGE, EventKind.HELP, EventKind.PRIVACY}
+    {
+        EventKind.LANGUAGE_MENU,
+        EventKind.CHOOSE_LANGUAGE,
+        EventKind.HELP,
+        EventKind.PRIVACY,
+        EventKind.SENT_BACK,  # the coordinator's decision, not the patient's step
+    }
 )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from core.model import FileRef
+from core.replies import Text, Verbatim
 
 
 class EventKind(StrEnum):
@@ -30,6 +31,8 @@ class EventKind(StrEnum):
     DELETE_CONFIRM = "delete_confirm"
     DELETE_CANCEL = "delete_cancel"
     CONSENT_OUTDATED = "consent_outdated"  # the privacy notice changed since consent (see handle)
+    # The coordinator sent an item back (arg: the item key, reason: what the patient reads).
+    SENT_BACK = "sent_back"
 
 
 # Events a button may carry; anything else in callback data is ignored as forged or stale.
@@ -57,6 +60,7 @@ class Event:
     arg: str = ""  # language, procedure, item key of a button, typed text
     file: FileRef | None = None
     duplicate: bool = False  # the same file was already stored for this case
+    reason: Text | Verbatim | None = None  # why the coordinator sent an item back
 
 
 @dataclass(frozen=True)

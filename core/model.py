@@ -26,10 +26,11 @@ class ItemStatus(StrEnum):
     DONE = "done"  # accepted files or an answer
     SKIPPED = "skipped"  # optional item the patient skipped
     DONT_HAVE = "dont_have"  # the patient says they do not have it; the coordinator sees it
+    SENT_BACK = "sent_back"  # the coordinator asked for it again; open until new files come
 
     @property
     def is_open(self) -> bool:
-        return self in (ItemStatus.PENDING, ItemStatus.RECEIVED)
+        return self in (ItemStatus.PENDING, ItemStatus.RECEIVED, ItemStatus.SENT_BACK)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class FileRef:
     notes: tuple[Text, ...] = ()  # what the patient should hear about this file
     retakeable: bool = False  # rejected for legibility: a retake may fix it
     needs_password: bool = False  # a protected PDF: the patient may type its password
+    language: str | None = None  # detected from the document's text (PDF, office)
+    flags: tuple[str, ...] = ()  # what the coordinator must see, e.g. "active_content"
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ItemProgress:
     files: list[FileRef] = field(default_factory=list)
     answer: str | None = None
     rejected_uploads: int = 0
+    # The coordinator's review: "accepted", or the code of the reason it was sent back
+    # (core.review.REASONS, or "other" for a typed reason). None until reviewed.
+    review: str | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core import engine
+from core.alerts import Signer, case_ready_alert
 from core.engine import Context
 from core.events import CaseCompleted, DomainEvent, ErasureRequested, Event, EventKind
 from core.model import Case, State
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 class Coordinator:
     chat_id: int | None
     locale: str
+    sign: Signer | None = None  # signs the alert's buttons; None: the alert says how to look
 
 
 class ConversationService:
@@ -283,7 +285,7 @@ class ConversationService:
             await tx.enqueue(
                 self._coordinator.chat_id,
                 self._coordinator.locale,
-                case_ready_alert(case, ctx),
+                case_ready_alert(case, ctx, self._coordinator.sign),
                 dedup_key=f"case-complete:{case.id}:{event.completion}",
             )
 
@@ -320,32 +322,3 @@ def merge_album_replies(replies: list[Reply]) -> Reply:
             parts.append(part)
     buttons = next((r.buttons for r in reversed(replies) if r.buttons), ())
     return Reply(tuple(parts), buttons)
-
-
-def case_ready_alert(case: Case, ctx: Context) -> Reply:
-    """The coordinator's alert: which case, which procedure, what each item holds."""
-    assert case.checklist_key is not None
-    checklist = ctx.checklists[case.checklist_key]
-    lines = tuple(
-        Text(
-            "coordinator.item_line",
-            {
-                "title": Text(item.title),
-                "status": Text(f"item_status.{case.progress(item.key).status.value}"),
-                "files": len(case.progress(item.key).files),
-            },
-        )
-        for item in checklist.items
-    )
-    return reply(
-        Text(
-            "coordinator.case_complete",
-            {
-                "case_id": Verbatim(case.id),
-                "procedure": Text(checklist.title),
-                "hospital": Verbatim(checklist.hospital),
-            },
-        ),
-        Lines(lines),
-        Text("coordinator.case_show_hint", {"case_id": Verbatim(case.id)}),
-    )

@@ -1,4 +1,5 @@
-"""The coordinator's commands and buttons: /cases [filter], /case CASE_ID, "open" buttons.
+"""The coordinator's commands and buttons: /cases [filter], /case CASE_ID, open, review and
+decide buttons, and the reason a coordinator types after "another reason".
 
 Only users in COORDINATOR_IDS are served, and only where case contents may go: their own
 private chat with the bot, or COORDINATOR_CHAT_ID. Replies go to the chat the request came
@@ -22,13 +23,14 @@ from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import Command, CommandObject, Filter
 from aiogram.types import CallbackQuery, Chat, Message, User
 
-from core.coordination import (
+from core.coordination import CoordinatorDesk, UnknownFilter, Viewer, parse_filter
+from core.review import (
+    ACTIONS,
+    DECIDE_ACTION,
+    EXPORT_ACTION,
     OPEN_ACTION,
-    CoordinatorDesk,
-    UnknownFilter,
-    Viewer,
-    parse_filter,
-    parse_open_arg,
+    REVIEW_ACTION,
+    parse_pressed,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,20 @@ class IsCoordinator(Filter):
     async def __call__(self, message: Message) -> bool | dict[str, Any]:
         viewer = viewer_for(message.from_user, message.chat, self._ids, self._chat_id)
         return False if viewer is None else {"viewer": viewer}
+
+
+def is_coordinator_button(query: CallbackQuery) -> bool:
+    """Callback data of a coordinator button (checked for its signature by the handler)."""
+    return (query.data or "").split(":", 1)[0] in ACTIONS
+
+
+class AwaitsReason(Filter):
+    """Passes a coordinator's message when they were asked to type a send-back reason."""
+
+    async def __call__(
+        self, message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk
+    ) -> bool:
+        return await coordinator_desk.pending_prompt(viewer) is not None
 
 
 def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | None) -> Router:
@@ -95,8 +111,14 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
             return
         await coordinator_desk.case_view(case_id[:64], viewer=viewer, update_id=update_id)
 
-    @router.callback_query(F.data.startswith(f"{OPEN_ACTION}:"))
-    async def open_case(
+    @router.message(F.text, ~F.text.startswith("/"), is_coordinator, AwaitsReason())
+    async def reason(
+        message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk, update_id: int
+    ) -> None:
+        await coordinator_desk.typed_reason(message.text or "", viewer=viewer, update_id=update_id)
+
+    @router.callback_query(is_coordinator_button)
+    async def pressed(
         query: CallbackQuery, coordinator_desk: CoordinatorDesk, update_id: int
     ) -> None:
         # An empty answer stops the button's spinner and says nothing to anyone.
@@ -104,15 +126,30 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
             await query.answer()
         chat = query.message.chat if query.message is not None else None
         viewer = viewer_for(query.from_user, chat, coordinator_ids, coordinator_chat_id)
-        _, _, arg = (query.data or "").partition(":")
-        opened = parse_open_arg(arg)
-        if viewer is None or opened is None or not coordinator_desk.verify(*opened):
+        parsed = parse_pressed(query.data or "")
+        if (
+            viewer is None
+            or parsed is None
+            or not coordinator_desk.verify(parsed[0].unsigned, parsed[1])
+        ):
             log.warning(
                 "refused coordinator button update=%s user=%s", update_id, query.from_user.id
             )
             return
-        await coordinator_desk.case_view(
-            opened[0], viewer=viewer, update_id=update_id, via="button"
-        )
+        button = parsed[0]
+        if button.action == OPEN_ACTION:
+            await coordinator_desk.case_view(
+                button.case_id, viewer=viewer, update_id=update_id, via="button"
+            )
+        elif button.action == REVIEW_ACTION and button.index is not None:
+            await coordinator_desk.review_item(
+                button.case_id, button.index, viewer=viewer, update_id=update_id
+            )
+        elif button.action == EXPORT_ACTION:
+            await coordinator_desk.export(button.case_id, viewer=viewer, update_id=update_id)
+        elif button.action == DECIDE_ACTION and button.index is not None and button.code:
+            await coordinator_desk.decide(
+                button.case_id, button.index, button.code, viewer=viewer, update_id=update_id
+            )
 
     return router

@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if not verdict.accepted:
                 worst = max(worst, 1)
-            if args.json:
-                print(json.dumps({"path": path, **verdict.to_dict()}, ensure_ascii=False))
+            if args.json:  # never a PDF's text sample: it is the record's own words
+                shown = {k: v for k, v in verdict.metadata.items() if k != "text_sample"}
+                line = {"path": path, **verdict.to_dict(), "metadata": shown}
+                print(json.dumps(line, ensure_ascii=False))
             else:
                 print("\n".join(_render(path, verdict)))
     finally:

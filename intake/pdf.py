@@ -1,6 +1,10 @@
 """PDF checks with pypdfium2: opens, pages, password, blank and scanned pages, active content,
 language of the text. The stream is read through PDFium's custom file access (random access,
-never loaded whole)."""
+never loaded whole).
+
+The verdict keeps a bounded sample of the text (`text_sample`: the first pages, a few thousand
+characters) for the identity check, which looks for the patient's name and birth date in it.
+It is personal data: stored only in the encrypted verdict, never logged or printed."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from intake import image, language, limits
 from intake.verdict import Finding, Kind, Severity, Verdict, verdict_from
 
 _ERR_FORMAT, _ERR_PASSWORD, _ERR_SECURITY = 3, 4, 5
+TEXT_SAMPLE_PAGES, TEXT_SAMPLE_CHARS = 2, 4000
 
 
 class _Readinto:
@@ -162,6 +167,7 @@ def _check_document(doc: pdfium.PdfDocument) -> Verdict:
         return verdict_from(Kind.PDF, findings, metadata)
     kinds: dict[str, list[int]] = {}
     texts: list[str] = []
+    sample: list[str] = []
     text_len = 0
     illegible: list[int] = []
     analysed = min(pages, limits.MAX_PAGES_ANALYSED)
@@ -179,6 +185,8 @@ def _check_document(doc: pdfium.PdfDocument) -> Verdict:
         finally:
             page.close()
         kinds.setdefault(kind, []).append(index + 1)
+        if text and index < TEXT_SAMPLE_PAGES:
+            sample.append(text)
         if text and text_len < limits.MAX_TEXT_CHARS:
             texts.append(text)
             text_len += len(text)
@@ -186,6 +194,8 @@ def _check_document(doc: pdfium.PdfDocument) -> Verdict:
     metadata["pages_analysed"] = analysed
     lang = language.detect("\n".join(texts)[: limits.MAX_TEXT_CHARS])
     metadata["language"] = lang
+    if sample:
+        metadata["text_sample"] = "\n".join(sample)[:TEXT_SAMPLE_CHARS]
     blank = kinds.get("blank", [])
     if len(blank) == analysed:
         findings.append(Finding("pdf_blank", Severity.ERROR))

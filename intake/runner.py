@@ -61,10 +61,26 @@ def _cpu_used() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _worker_main(conn: Connection) -> None:
-    """Worker loop: receive a job, run it under limits, send back a verdict dict."""
+def run_check(
+    open_stream: Callable[[], BinaryIO],
+    declared_name: str | None,
+    declared_mime: str | None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The check job: open the stream in the worker, judge it, return the verdict as a dict."""
     from intake.check import check
 
+    stream = open_stream()
+    try:
+        return check(stream, declared_name, declared_mime, **kwargs).to_dict()
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()
+
+
+def _worker_main(conn: Connection) -> None:
+    """Worker loop: receive a job (a function and its arguments), run it under limits, send
+    back its result, or why it failed."""
     while True:
         try:
             job = conn.recv()
@@ -75,22 +91,16 @@ def _worker_main(conn: Connection) -> None:
             continue
         if job is None:
             return
-        open_stream, name, mime, kwargs, memory_mb, cpu_s = job
+        function, args, kwargs, memory_mb, cpu_s = job
         _set_limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
         _set_limit(resource.RLIMIT_CPU, int(_cpu_used() + cpu_s) + 1)
         reply: tuple[str, Any]
         try:
-            stream = open_stream()
-            try:
-                verdict = check(stream, name, mime, **kwargs)
-            finally:
-                with contextlib.suppress(Exception):
-                    stream.close()
-            reply = ("ok", verdict.to_dict())
+            reply = ("ok", function(*args, **kwargs))
         except MemoryError:
             reply = ("memory", None)
-        except BaseException as exc:  # any failure is a verdict, not a crash
-            reply = ("failed", type(exc).__name__)
+        except BaseException as exc:  # any failure is an answer, not a crash
+            reply = ("failed", (type(exc).__name__, getattr(exc, "code", None)))
         # Lift the memory cap before pickling the reply so a near-full worker can still answer.
         _set_limit(resource.RLIMIT_AS, resource.RLIM_INFINITY)
         try:
@@ -157,6 +167,17 @@ def _failed(code: str, **params: Any) -> Verdict:
     return verdict_from(Kind.OTHER, [Finding(code, Severity.ERROR, params)])
 
 
+class WorkerFailed(RuntimeError):
+    """A job that did not return: `reason` is timeout, memory, a crash's exit status, or the
+    exception's type name; `code` is the exception's own code when it had one."""
+
+    def __init__(self, reason: str, code: str | None = None, seconds: float = 0.0) -> None:
+        super().__init__(reason if code is None else f"{reason} ({code})")
+        self.reason = reason
+        self.code = code
+        self.seconds = seconds
+
+
 class WorkerPool:
     """At most ``max_workers`` checks at a time; idle workers are kept warm for the next one."""
 
@@ -187,6 +208,50 @@ class WorkerPool:
             else:
                 self._idle.append(worker)
 
+    def call(
+        self,
+        function: Callable[..., Any],
+        *args: Any,
+        timeout_s: float = 20,
+        memory_mb: int = 512,
+        cpu_s: int = 20,
+        **kwargs: Any,
+    ) -> Any:
+        """`function(*args, **kwargs)` in a worker under the limits; its result, or
+        `WorkerFailed`. The function and its arguments must be picklable (module level)."""
+        with self._slots:
+            worker = self._take()
+            started = time.monotonic()
+
+            def failed(reason: str, code: str | None = None) -> WorkerFailed:
+                return WorkerFailed(reason, code, round(time.monotonic() - started, 1))
+
+            try:
+                worker.conn.send((function, args, kwargs, memory_mb, cpu_s))
+            except Exception as exc:  # an unpicklable argument is a caller bug
+                worker.kill()
+                raise failed(type(exc).__name__) from exc
+            try:
+                if not worker.conn.poll(timeout_s):
+                    worker.kill()
+                    raise failed("timeout")
+                status, payload = worker.conn.recv()
+            except (EOFError, OSError):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.process.wait(2)  # let it finish dying, to read its real exit status
+                worker.kill()
+                exitcode = worker.process.returncode
+                if exitcode is not None and -exitcode in _CPU_SIGNALS:
+                    raise failed("timeout") from None
+                raise failed(f"exit {exitcode}") from None
+            if status == "memory":
+                worker.kill()
+                raise failed("memory")
+            self._give_back(worker)
+            if status == "failed":
+                raise failed(*payload)
+            return payload
+
     def check(
         self,
         open_stream: Callable[[], BinaryIO],
@@ -198,37 +263,23 @@ class WorkerPool:
         cpu_s: int = 20,
         **check_kwargs: Any,
     ) -> Verdict:
-        with self._slots:
-            worker = self._take()
-            job = (open_stream, declared_name, declared_mime, check_kwargs, memory_mb, cpu_s)
-            started = time.monotonic()
-            try:
-                worker.conn.send(job)
-            except Exception as exc:  # an unpicklable opener is a caller bug
-                worker.kill()
-                return _failed("check_failed", reason=type(exc).__name__)
-            try:
-                ready = worker.conn.poll(timeout_s)
-                if not ready:
-                    worker.kill()
-                    return _failed("check_timeout", seconds=round(time.monotonic() - started, 1))
-                status, payload = worker.conn.recv()
-            except (EOFError, OSError):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.process.wait(2)  # let it finish dying, to read its real exit status
-                worker.kill()
-                exitcode = worker.process.returncode
-                if exitcode is not None and -exitcode in _CPU_SIGNALS:
-                    return _failed("check_timeout", seconds=round(time.monotonic() - started, 1))
-                return _failed("check_failed", reason=f"exit {exitcode}")
-            if status == "ok":
-                self._give_back(worker)
-                return Verdict.from_dict(payload)
-            if status == "memory":
-                worker.kill()
-                return _failed("check_failed", reason="memory")
-            self._give_back(worker)
-            return _failed("check_failed", reason=str(payload))
+        """`intake.check` under the limits: any failure of the worker is a rejected verdict."""
+        try:
+            result = self.call(
+                run_check,
+                open_stream,
+                declared_name,
+                declared_mime,
+                timeout_s=timeout_s,
+                memory_mb=memory_mb,
+                cpu_s=cpu_s,
+                **check_kwargs,
+            )
+        except WorkerFailed as failure:
+            if failure.reason == "timeout":
+                return _failed("check_timeout", seconds=failure.seconds)
+            return _failed("check_failed", reason=failure.reason)
+        return Verdict.from_dict(result)
 
     def close(self) -> None:
         with self._lock:
@@ -283,4 +334,19 @@ def check_in_worker(
         memory_mb=memory_mb,
         cpu_s=cpu_s,
         **check_kwargs,
+    )
+
+
+def call_in_worker(
+    function: Callable[..., Any],
+    *args: Any,
+    timeout_s: float = 20,
+    memory_mb: int = 512,
+    cpu_s: int = 20,
+    **kwargs: Any,
+) -> Any:
+    """Any picklable function in a limited worker of the default pool (see `WorkerPool.call`):
+    the coordinator's previews run here. Synchronous; call it from a thread in async code."""
+    return default_pool().call(
+        function, *args, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s, **kwargs
     )

@@ -27,7 +27,9 @@ FOOTER = """```
 - **collecting**: one checklist item at a time: files, a typed answer, done, skip, or
   "I don't have this".
 - **complete**: every required item has an accepted file, an answer, or a "don't have";
-  the coordinator is alerted once per completion.
+  the coordinator is alerted once per completion. The coordinator may send an item back
+  (`sent_back`, with a reason the patient reads): the case collects that item again, and
+  its next completion is alerted once more.
 - **erased**: the patient confirmed `/delete` (or withdrew consent): the service destroys
   the case key, removes every blob and row, and keeps only a tombstone so that a late
   duplicate update cannot bring anything back.

@@ -33,20 +33,14 @@ from adapters.keys import load_or_create_master_key
 from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
-from core.coordination import (
-    CALLBACK_DATA_MAX,
-    LIST_LIMIT,
-    CaseList,
-    CaseSummary,
-    cases_reply,
-    dynamic_keys,
-    parse_open_arg,
-)
+from core.coordination import LIST_LIMIT, CaseList, CaseSummary, Viewer, cases_reply, dynamic_keys
 from core.events import Event, EventKind
 from core.ports import Patient
 from core.replies import Reply
+from core.review import CALLBACK_DATA_MAX, parse_pressed
 from handlers import coordinator, patient
-from tests.scenario import walk_to_complete
+from tests.files import pdf_bytes
+from tests.scenario import apply_steps, walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # in COORDINATOR_IDS
@@ -116,6 +110,18 @@ class World:
 
     def press(self, user_id: int, chat_id: int, data: str) -> Update:
         return callback_update(next(self.ids), user_id, chat_id, data)
+
+    def signed(self, unsigned: str) -> str:
+        """Callback data as the bot would sign it."""
+        return f"{unsigned}:{self.desk.sign(unsigned)}"
+
+    def typed(self, user_id: int, chat_id: int, text: str) -> Update:
+        """A plain text message (no command entity)."""
+        update = message_update(next(self.ids), user_id, chat_id, text)
+        assert update.message is not None
+        return update.model_copy(
+            update={"message": update.message.model_copy(update={"entities": None})}
+        )
 
     def answers(self) -> list[AnswerCallbackQuery]:
         return [c for c in self.session.calls if isinstance(c, AnswerCallbackQuery)]
@@ -207,6 +213,7 @@ async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
         button_secret(master),
         checklists=app.checklists,
         locale=settings.coordinator_locale,
+        context=app.context,
     )
     session = RecordingSession()
     bot = Bot(TOKEN, session=session)
@@ -277,8 +284,8 @@ async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
     for button in buttons:
         data = f"{button.action}:{button.arg}"
         assert button.action == "co" and len(data.encode()) <= CALLBACK_DATA_MAX
-        opened = parse_open_arg(button.arg)
-        assert opened is not None and world.desk.verify(*opened)
+        opened = parse_pressed(data)
+        assert opened is not None and world.desk.verify(opened[0].unsigned, opened[1])
     # most recent first: the waiting case was touched last
     assert buttons[0].arg.startswith(world.waiting_case)
 
@@ -338,15 +345,19 @@ async def test_non_owners_get_nothing_of_any_case(world: World) -> None:
     targets = [world.done_case, world.waiting_case]
     commands = ["/cases", "/cases waiting", "/cases ready", "/cases all", "/cases nonsense"]
     commands += ["/case", *(f"/case {t}" for t in targets), "/case 0123"]
-    buttons = [f"co:{t}:{world.desk.sign(t)}" for t in targets]  # genuine signatures
+    buttons = [f"co:{t}:{world.desk.sign(f'co:{t}')}" for t in targets]  # genuine signatures
     buttons += [f"co:{t}:{'0' * 16}" for t in targets]  # forged
-    buttons += [f"co:{t}:{world.desk.sign(t)[::-1]}" for t in targets]  # forged
+    buttons += [f"co:{t}:{world.desk.sign(f'co:{t}')[::-1]}" for t in targets]  # forged
     buttons += [f"co:{t}" for t in targets]  # unsigned
-    buttons += ["co:", "co:x:y", f"co:{targets[0].upper()}:{world.desk.sign(targets[0])}"]
+    buttons += ["co:", "co:x:y", f"co:{targets[0].upper()}:{world.desk.sign(f'co:{targets[0]}')}"]
+    # review and decide buttons, genuinely signed, and one signed for another item
+    buttons += [world.signed(f"cr:{t}:00") for t in targets]
+    buttons += [world.signed(f"cd:{t}:00:{code}") for t in targets for code in ("ok", "bl", "tx")]
+    buttons += [f"cd:{targets[0]}:01:bl:{world.desk.sign(f'cd:{targets[0]}:00:bl')}"]
     known_cases = set(targets)
     for name, (user_id, chat_id) in principals.items():
         for action in [*commands, *buttons]:
-            is_button = action.startswith("co:")
+            is_button = action[:3] in ("co:", "cr:", "cd:", "ce:")
             update = (
                 world.press(user_id, chat_id, action)
                 if is_button
@@ -383,7 +394,7 @@ async def test_non_owners_get_nothing_of_any_case(world: World) -> None:
 async def test_replayed_updates_show_and_audit_once(world: World) -> None:
     """Telegram redelivers: the same command or button shows the view once, audits once."""
     mark = await _last_outbox_id(world)
-    signed = f"co:{world.done_case}:{world.desk.sign(world.done_case)}"
+    signed = f"co:{world.done_case}:{world.desk.sign(f'co:{world.done_case}')}"
     updates = [
         world.message(COORDINATOR, COORDINATOR, "/cases"),
         world.message(COORDINATOR, COORDINATOR, f"/case {world.done_case}"),
@@ -429,10 +440,10 @@ def test_list_buttons_fit_telegram_and_the_list_is_bounded() -> None:
     """Callback data of a full-length id stays within 64 bytes; the list says when cut."""
     now = datetime.now(UTC)
     summaries = tuple(
-        CaseSummary(f"{n:032x}", "complete", "general", "General review", now, "f" * 16)
+        CaseSummary(f"{n:032x}", "complete", "general", "General review", now)
         for n in range(LIST_LIMIT)
     )
-    message = cases_reply(CaseList("ready", summaries, more=True))
+    message = cases_reply(CaseList("ready", summaries, more=True), lambda data: "f" * 16)
     datas = [f"{b.action}:{b.arg}" for row in message.buttons for b in row]
     assert len(datas) == LIST_LIMIT and max(len(d.encode()) for d in datas) <= 64
     assert any(getattr(p, "key", "") == "coordinator.cases_more" for p in message.parts)
@@ -444,3 +455,102 @@ def test_every_coordinator_key_has_english_text() -> None:
     with ENGLISH.open("rb") as handle:
         catalog = {str(m.id): str(m.string) for m in read_po(handle) if m.id}
     assert sorted(k for k in dynamic_keys() if not catalog.get(k)) == []
+
+
+async def _case_row(world: World, case_id: str) -> tuple[str, dict[str, tuple[str, str | None]]]:
+    async with world.app.store.session() as session:
+        case = await session.get(CaseRow, case_id)
+        assert case is not None
+        items = (await session.exec(select(ItemRow).where(ItemRow.case_id == case_id))).all()
+    return case.state, {i.item_key: (i.status, i.review) for i in items}
+
+
+async def _alerts(world: World, case_id: str) -> list[str | None]:
+    async with world.app.store.session() as session:
+        query = select(OutboxRow.dedup_key).where(
+            col(OutboxRow.dedup_key).startswith(f"case-complete:{case_id}:")
+        )
+        return sorted((await session.exec(query)).all(), key=str)
+
+
+async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
+    world: World, tmp_path: Path
+) -> None:
+    """Review the referral, send it back as blurred: the patient reads why in their language
+    and is asked for it again; a new upload completes the case again, alerted once more."""
+    case_id = world.done_case
+    assert await _alerts(world, case_id) == [f"case-complete:{case_id}:1"]
+    mark = await _last_outbox_id(world)
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cr:{case_id}:00")))
+    card, *previews = await _outbox_after(world, mark)
+    # the referral PDF's first page, made at send time: the row holds ids, never pixels
+    assert [json.loads(p.payload)["media"]["kind"] for p in previews] == ["pdf"]
+    assert all(p.chat_id == COORDINATOR for p in previews)
+    decisions = {f"{b.action}:{b.arg}" for row in _reply(card).buttons for b in row}
+    assert world.signed(f"cd:{case_id}:00:bl") in decisions
+    assert world.signed(f"cd:{case_id}:00:ok") in decisions
+
+    mark = await _last_outbox_id(world)
+    decide = world.press(COORDINATOR, COORDINATOR, world.signed(f"cd:{case_id}:00:bl"))
+    await world.feed(decide)
+    await world.feed(decide)  # Telegram redelivers: nothing happens twice
+    rows = await _outbox_after(world, mark)
+    assert sorted(r.chat_id for r in rows) == sorted([DONE_PATIENT, COORDINATOR])
+    to_patient = next(r for r in rows if r.chat_id == DONE_PATIENT)
+    assert (
+        "review.sent_back" in to_patient.payload and "review.reason.blurred" in to_patient.payload
+    )
+    assert '"item.ask"' in to_patient.payload  # the referral is asked for at once
+    state, items = await _case_row(world, case_id)
+    assert state == "collecting" and items["referral"] == ("sent_back", "blurred")
+    actions = [e.action for e in await audit.entries(world.app.store)]
+    assert actions == ["item.view", "item.send_back"]
+
+    patient = Patient(DONE_PATIENT, DONE_PATIENT, "en")
+    again = tmp_path / "referral-again.pdf"
+    again.write_bytes(pdf_bytes(["Referral, a sharper copy"]))
+    await apply_steps(world.app, patient, [again, Event(EventKind.DONE, "referral")], 77_000)
+    state, items = await _case_row(world, case_id)
+    assert state == "complete" and items["referral"] == ("done", None)
+    assert await _alerts(world, case_id) == [
+        f"case-complete:{case_id}:1",
+        f"case-complete:{case_id}:2",
+    ]
+
+
+async def test_a_typed_reason_reaches_the_patient_as_written(world: World) -> None:
+    """ "Another reason": the coordinator's next message goes to the patient verbatim."""
+    case_id = world.done_case
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cd:{case_id}:01:tx")))
+    assert await world.desk.pending_prompt(Viewer(COORDINATOR, COORDINATOR)) is not None
+    assert await world.desk.pending_prompt(Viewer(COORDINATOR, COORDINATOR_CHAT)) is None
+    mark = await _last_outbox_id(world)
+    reason = "Only slice 3 of the CT arrived; please send the whole folder."
+    await world.feed(world.typed(COORDINATOR, COORDINATOR, reason))
+    rows = await _outbox_after(world, mark)
+    to_patient = next(r for r in rows if r.chat_id == DONE_PATIENT)
+    assert reason in to_patient.payload
+    state, items = await _case_row(world, case_id)
+    assert state == "collecting" and items["imaging"] == ("sent_back", "other")
+    assert await world.desk.pending_prompt(Viewer(COORDINATOR, COORDINATOR)) is None
+    entries = await audit.entries(world.app.store)
+    assert [e.action for e in entries] == ["item.send_back"]
+    assert reason not in entries[0].detail  # the audit keeps the reason's name only
+    # the coordinator's next message is ordinary again: nothing more reaches the patient
+    mark = await _last_outbox_id(world)
+    await world.feed(world.typed(COORDINATOR, COORDINATOR, "thanks"))
+    assert all(r.chat_id != DONE_PATIENT for r in await _outbox_after(world, mark))
+
+
+async def test_accepting_an_item_is_recorded_and_audited(world: World) -> None:
+    case_id = world.done_case
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cd:{case_id}:00:ok")))
+    state, items = await _case_row(world, case_id)
+    assert state == "complete" and items["referral"] == ("done", "accepted")
+    assert [e.action for e in await audit.entries(world.app.store)] == ["item.accept"]
+    # an item with nothing in it cannot be reviewed (reports were skipped)
+    mark = await _last_outbox_id(world)
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cd:{case_id}:02:bl")))
+    [row] = await _outbox_after(world, mark)
+    assert "coordinator.cannot_review" in row.payload
+    assert (await _case_row(world, case_id))[1]["reports"] == ("skipped", None)

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from tests.botproc import BotProcess
+from tests.conftest import COORDINATOR
 from tests.emulator import BotApiEmulator
 from tests.files import dicom_path, document_photo, pdf_bytes
 from tests.patient_driver import PatientDriver
 
 pytestmark = pytest.mark.e2e
-COORDINATOR = 900_001
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[BotApiEmulator]:
-    async with BotApiEmulator() as emu:
-        yield emu
-        assert emu.internal_errors == []
-
-
-@pytest.fixture
-def bot(emulator: BotApiEmulator, tmp_path: Path) -> BotProcess:
-    emulator.user(COORDINATOR, first_name="Coordinator")
-    process = BotProcess(
-        emulator,
-        tmp_path,
-        coordinator_chat_id=COORDINATOR,
-        extra_env={"COORDINATOR_IDS": str(COORDINATOR)},
-    )
-    yield process
-    process.stop()
-    assert "Traceback" not in process.log(), process.log()[-3000:]
 
 
 async def started(bot: BotProcess, emu: BotApiEmulator) -> None:

@@ -7,6 +7,7 @@ import functools
 import io
 import time
 
+import pytest
 from workload import (
     crashing_stream,
     hungry_stream,
@@ -82,3 +83,29 @@ def test_callable_from_asyncio_threads(tmp_path) -> None:
 
     verdicts = asyncio.run(main())
     assert all(v.findings[0].code == "unsupported_type" for v in verdicts)
+
+
+def test_any_function_runs_in_a_worker_and_its_failures_come_back_typed(tmp_path) -> None:
+    """`call` returns the function's result; an error keeps its code; a hang is a timeout."""
+    from PIL import Image
+
+    from intake import preview
+    from intake.runner import WorkerFailed
+
+    photo = tmp_path / "page.png"
+    Image.new("RGB", (2400, 1600), "white").save(photo)
+    pool = WorkerPool(max_workers=1)
+    try:
+        mime, data = pool.call(preview.preview, "image", OpenPath(str(photo)))
+        assert mime == "image/jpeg" and data[:2] == b"\xff\xd8"
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+        with pytest.raises(WorkerFailed) as failure:
+            pool.call(preview.preview, "image", OpenPath(str(broken)))
+        assert failure.value.reason == "PreviewError" and failure.value.code
+        with pytest.raises(WorkerFailed) as slow:
+            pool.call(time.sleep, 30, timeout_s=1)
+        assert slow.value.reason == "timeout"
+        assert pool.call(sum, [1, 2, 3]) == 6  # the pool replaced the killed worker
+    finally:
+        pool.close()
