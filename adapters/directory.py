@@ -110,9 +110,7 @@ class CaseDirectory:
         if len(signer_secret) < 16:
             raise ValueError("the button signing secret must be at least 16 bytes")
         self._store = store
-        # Nothing shown here needs decrypting today; the keyring is where later views
-        # (extracted summaries kept in the encrypted verdicts) will read from.
-        self._keys = keyring
+        self._keys = keyring  # the patient's name and birth date, shown to coordinators
         self._secret = signer_secret
         self._checklists = dict(checklists or {})
         self._locale = locale
@@ -330,7 +328,8 @@ class CaseDirectory:
         return update_id is not None and await tx.update_seen(update_id)
 
     async def _show(self, tx: SqlTransaction, viewer: Viewer, message: Reply) -> None:
-        await tx.enqueue(viewer.chat_id, self._locale, message)
+        # Sealed: a view may name the patient; nothing of it stays readable in the outbox.
+        await tx.enqueue(viewer.chat_id, self._locale, message, sealed=True)
 
     @staticmethod
     async def _done(tx: SqlTransaction, viewer: Viewer, update_id: int | None) -> None:
@@ -387,7 +386,8 @@ class CaseDirectory:
         checklist = self._checklist(case.checklist_key)
         order = list(checklist.item_keys) if checklist else []
         order += sorted(set(items) - set(order))  # items of a checklist changed since
-        counted = {ref["file_id"] for row in items.values() for ref in json.loads(row.files_json)}
+        files_of = {key: json.loads(row.files_json) for key, row in items.items()}
+        counted = {ref["file_id"] for refs in files_of.values() for ref in refs}
         views = []
         for key in order:
             row = items.get(key)
@@ -400,6 +400,11 @@ class CaseDirectory:
                     status=row.status if row else "pending",
                     has_answer=bool(row and row.answer_enc),
                     review=row.review if row else None,
+                    flags=tuple(
+                        sorted(
+                            {flag for ref in files_of.get(key, []) for flag in ref.get("flags", ())}
+                        )
+                    ),
                     files=tuple(
                         FileSummary(f.kind, f.status, f.id in counted, f.id)
                         for f in files
@@ -419,7 +424,14 @@ class CaseDirectory:
             completions=case.completions,
             items=tuple(views),
             handed_off=case.handed_off_at is not None,
+            patient_name=self._field(case, case.patient_name_enc, "patient-name"),
+            birth_date=self._field(case, case.birth_date_enc, "birth-date"),
         )
+
+    def _field(self, case: CaseRow, token: str | None, field: str) -> str | None:
+        if token is None:
+            return None
+        return self._keys.decrypt_field(case.id, case.wrapped_key, token, field)
 
 
 def _item(checklist: Checklist | None, key: str) -> ChecklistItem | None:

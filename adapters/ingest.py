@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlmodel import select
 
@@ -18,7 +18,8 @@ from adapters.members import extract_members
 from adapters.store import SqlStore, new_id
 from adapters.tables import CaseRow, FileRow
 from adapters.vault import Vault
-from core.model import FileRef
+from core.identity import check_identity
+from core.model import FileRef, Identity
 from core.ports import FileSource, IncomingFile, StoredFile, StoredMember
 from core.replies import Text
 from intake import Kind, Severity, Verdict, runner
@@ -94,7 +95,27 @@ ACTIVE_CONTENT = {
 }
 
 
-def file_ref(file_id: str, verdict: Verdict) -> FileRef:
+IDENTITY_MISMATCH = "identity_mismatch"
+
+
+def identity_flags(verdict: Verdict, identity: Identity | None) -> tuple[str, ...]:
+    """("identity_mismatch",) when a name or birth date inside the record differs from the
+    patient's: DICOM headers (a file, or a CD's patients) and a PDF's text."""
+    if identity is None:
+        return ()
+    meta = verdict.metadata
+    headers: list[dict[str, Any]] = []
+    if verdict.kind is Kind.DICOM:
+        headers = [meta]
+    elif verdict.kind is Kind.ZIP:
+        headers = [{"patient_name": name} for name in meta.get("patient_names", ())]
+        headers += [{"patient_birth_date": born} for born in meta.get("patient_birth_dates", ())]
+    texts = [meta.get("text_sample")] if verdict.kind is Kind.PDF else []
+    found = check_identity(identity.name, identity.birth_date, headers, texts)
+    return (IDENTITY_MISMATCH,) if found else ()
+
+
+def file_ref(file_id: str, verdict: Verdict, extra_flags: tuple[str, ...] = ()) -> FileRef:
     return FileRef(
         file_id=file_id,
         kind=verdict.kind.value,
@@ -104,7 +125,10 @@ def file_ref(file_id: str, verdict: Verdict) -> FileRef:
         needs_password=any(f.code == "pdf_password_required" for f in verdict.findings),
         language=verdict.metadata.get("language") or None,
         flags=tuple(
-            sorted({ACTIVE_CONTENT[f.code] for f in verdict.findings if f.code in ACTIVE_CONTENT})
+            sorted(
+                {ACTIVE_CONTENT[f.code] for f in verdict.findings if f.code in ACTIVE_CONTENT}
+                | set(extra_flags)
+            )
         ),
     )
 
@@ -123,7 +147,13 @@ class VaultIngest:
             ).one()
         return self._keys.case_key(case_id, wrapped)
 
-    async def ingest(self, case_id: str, incoming: IncomingFile, source: FileSource) -> StoredFile:
+    async def ingest(
+        self,
+        case_id: str,
+        incoming: IncomingFile,
+        source: FileSource,
+        identity: Identity | None = None,
+    ) -> StoredFile:
         key = await self._case_key(case_id)
         blob_id = blob_id_for(case_id, incoming.unique_id)
         if await asyncio.to_thread(self._vault.exists, blob_id):
@@ -145,8 +175,9 @@ class VaultIngest:
             verdict.status.value,
             len(members),
         )
+        flags = await asyncio.to_thread(identity_flags, verdict, identity)
         return StoredFile(
-            file_ref(new_id(), verdict),
+            file_ref(new_id(), verdict, flags),
             blob_id,
             info.sha256,
             info.size,
@@ -154,7 +185,9 @@ class VaultIngest:
             members,
         )
 
-    async def unlock(self, case_id: str, file_id: str, password: str) -> StoredFile | None:
+    async def unlock(
+        self, case_id: str, file_id: str, password: str, identity: Identity | None = None
+    ) -> StoredFile | None:
         async with self._store.reader() as session:
             row = await session.get(FileRow, file_id)
         if row is None or row.case_id != case_id or not password:
@@ -163,8 +196,9 @@ class VaultIngest:
         verdict = await asyncio.to_thread(self._checker, opener, None, row.mime, False, password)
         if any(f.code == "pdf_password_wrong" for f in verdict.findings):
             return None
+        flags = await asyncio.to_thread(identity_flags, verdict, identity)
         return StoredFile(
-            file_ref(file_id, verdict), row.blob_id, row.sha256, row.size, verdict.to_dict()
+            file_ref(file_id, verdict, flags), row.blob_id, row.sha256, row.size, verdict.to_dict()
         )
 
     async def discard(self, stored: StoredFile) -> None:

@@ -7,7 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import or_
@@ -40,6 +40,10 @@ def utcnow() -> datetime:
 def new_id() -> str:
     """Random, unguessable id (128 bits) for cases and files."""
     return secrets.token_hex(16)
+
+
+def _date(value: str | None) -> date | None:
+    return None if value is None else date.fromisoformat(value)
 
 
 def _file_to_json(ref: FileRef) -> dict[str, Any]:
@@ -104,6 +108,8 @@ class SqlTransaction:
             completed_at=row.completed_at,
             completions=row.completions,
             password_file=row.password_file,
+            patient_name=self._decrypt(row, row.patient_name_enc, "patient-name"),
+            birth_date=_date(self._decrypt(row, row.birth_date_enc, "birth-date")),
         )
         for item in items:
             answer = None
@@ -118,6 +124,20 @@ class SqlTransaction:
                 review=item.review,
             )
         return case
+
+    def _decrypt(self, row: CaseRow, token: str | None, field: str) -> str | None:
+        return (
+            None
+            if token is None
+            else self.keys.decrypt_field(row.id, row.wrapped_key, token, field)
+        )
+
+    def _encrypt(self, row: CaseRow, value: str | None, field: str) -> str | None:
+        return (
+            None
+            if value is None
+            else self.keys.encrypt_field(row.id, row.wrapped_key, value, field)
+        )
 
     async def create_case(self, patient: Patient, locale: str) -> Case:
         now = utcnow()
@@ -148,6 +168,10 @@ class SqlTransaction:
         row.completed_at = case.completed_at
         row.completions = case.completions
         row.password_file = case.password_file
+        row.patient_name_enc = self._encrypt(row, case.patient_name, "patient-name")
+        row.birth_date_enc = self._encrypt(
+            row, case.birth_date.isoformat() if case.birth_date else None, "birth-date"
+        )
         row.updated_at = utcnow()
         self.session.add(row)
         existing = {
@@ -255,6 +279,7 @@ class SqlTransaction:
             return
         row.wrapped_key, row.state = b"", "erased"
         row.checklist_key = row.current_item = row.password_file = None
+        row.patient_name_enc = row.birth_date_enc = None
         self.session.add(row)
         for item in (
             await self.session.exec(select(ItemRow).where(ItemRow.case_id == case_id))
@@ -382,6 +407,13 @@ class SqlStore:
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
         async with self.session() as session:
             yield SqlTransaction(session, self.keys, for_update=self._postgres)
+
+    def outbox_payload(self, row: OutboxRow) -> dict[str, Any]:
+        """An outbox row's message as queued (sealed ones decrypted)."""
+        payload: dict[str, Any] = json.loads(row.payload)
+        if "sealed" in payload:
+            return dict(json.loads(self.keys.unseal_outgoing(payload["sealed"])))
+        return payload
 
     async def create_invite(self, procedure: str) -> str:
         code = secrets.token_urlsafe(18)

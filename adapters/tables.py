@@ -28,6 +28,9 @@ class CaseRow(SQLModel, table=True):
     completions: int = 0
     password_file: str | None = Field(default=None, max_length=32)
     handed_off_at: datetime | None = None  # the hospital bundle was exported
+    # Who the patient says they are (identity check), encrypted with the case key.
+    patient_name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    birth_date_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime
     updated_at: datetime

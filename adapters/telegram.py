@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5  # then an update is parked and the patient told something went wrong
 ALBUM_WAIT_S = 1.0  # how long the first part of an album waits for the others
 CAPTION_MAX = 1024  # Telegram's limit for a photo's caption
+SCRUBBED = "{}"  # the payload of a message once it is out
 
 
 def backoff(attempt: int) -> float:
@@ -486,9 +487,7 @@ class OutboxSender:
             # request is in flight cannot make the restarted bot send it a second time.
             await self._mark(row.id, "sending")
         try:
-            payload = json.loads(row.payload)
-            if "sealed" in payload:
-                payload = json.loads(self._store.keys.unseal_outgoing(payload["sealed"]))
+            payload = self._store.outbox_payload(row)
             if "delete_message" in payload:
                 await self._limiter.wait_turn(row.chat_id)
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
@@ -599,8 +598,7 @@ class OutboxSender:
             row = await session.get(OutboxRow, outbox_id)
             if row is not None:
                 row.status, row.sent_at = status, utcnow()
-                if row.payload.startswith('{"sealed"'):
-                    row.payload = '{"sealed": null}'  # sent: nothing of it stays
+                row.payload = SCRUBBED  # delivered (or refused): no content stays behind
                 session.add(row)
 
 

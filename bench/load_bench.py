@@ -40,7 +40,9 @@ HANDLED_RE = re.compile(r"update handled update=(\d+) ms=([\d.]+)")
 WALK = [
     ("say", "/start", "I agree"),
     ("tap", "I agree", "General medical review"),
-    ("tap", "General medical review", "Step 1 of 7"),
+    ("tap", "General medical review", "your full name"),
+    ("say", "Ann Example", "date of birth"),
+    ("say", "31.01.1980", "Step 1 of 7"),
     ("tap", "I don't have this", "Step 2 of 7"),
     ("tap", "I don't have this", "Step 3 of 7"),
     ("tap", "Skip", "Step 4 of 7"),

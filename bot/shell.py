@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import mimetypes
 import sys
 from collections.abc import AsyncIterator
@@ -105,7 +104,8 @@ class Shell:
                 session.add(row)
 
     def _show(self, row: OutboxRow) -> None:
-        rendered = self._app.translator.render(row.locale, Reply.from_dict(json.loads(row.payload)))
+        payload = self._app.store.outbox_payload(row)
+        rendered = self._app.translator.render(row.locale, Reply.from_dict(payload))
         prefix = "[coordinator] " if row.chat_id == self._coordinator else ""
         for text in rendered.texts:
             self._print(prefix + text)

@@ -1,9 +1,11 @@
 """The coordinator's "case complete" alert: what the case holds, what needs their eye.
 
-Flags are what a coordinator must not miss before handing a case to the hospital: files
-taken with a warning (a third retake, a note from the checks), records the patient does not
-have, documents in a language the hospital does not work in (for items where it matters),
-and PDFs or office files with active content. The alert never carries a record's content.
+Flags are what a coordinator must not miss before handing a case to the hospital: records
+that name someone else (core.identity), files taken with a warning (a third retake, a note
+from the checks), records the patient does not have, documents in a language the hospital
+does not work in (for items where it matters), and PDFs or office files with active
+content. The alert never carries a record's content; it names the patient, so it is sealed
+(encrypted) while it waits in the outbox.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def flags(case: Case, checklist: Checklist) -> list[Text]:
     missing: list[ChecklistItem] = []
     translate: list[ChecklistItem] = []
     active: list[ChecklistItem] = []
+    someone_else: list[ChecklistItem] = []
     for item in checklist.items:
         progress = case.progress(item.key)
         if progress.status is ItemStatus.DONT_HAVE:
@@ -59,8 +62,11 @@ def flags(case: Case, checklist: Checklist) -> list[Text]:
             translate.append(item)
         if any("active_content" in ref.flags for ref in progress.files):
             active.append(item)
+        if any("identity_mismatch" in ref.flags for ref in progress.files):
+            someone_else.append(item)
     lines = []
     for key, items in (
+        ("alert.flag_identity", someone_else),
         ("alert.flag_warnings", noted),
         ("alert.flag_dont_have", missing),
         ("alert.flag_translation", translate),
@@ -96,7 +102,11 @@ def case_ready_alert(case: Case, ctx: Context, sign: Signer | None) -> Reply:
         },
     )
     flagged = flags(case, checklist)
-    parts: list[Text | Lines] = [header, Lines(lines)]
+    parts: list[Text | Lines] = [header]
+    if case.patient_name is not None:  # the alert is sealed in the outbox (core.service)
+        born = case.birth_date.isoformat() if case.birth_date else "-"
+        parts.append(Text("alert.patient", {"name": Verbatim(case.patient_name), "born": born}))
+    parts.append(Lines(lines))
     parts.append(Lines(tuple(flagged)) if flagged else Text("alert.no_flags"))
     buttons: tuple[tuple[Button, ...], ...] = ()
     if sign is not None:

@@ -25,19 +25,26 @@ LIST_LIMIT = 30
 
 # /cases filters: name -> case states. None (or "all") lists every live case.
 FILTERS: dict[str, frozenset[str]] = {
-    "waiting": frozenset({"new", "consent", "procedure", "collecting"}),
+    "waiting": frozenset({"new", "consent", "procedure", "name", "birth_date", "collecting"}),
     "ready": frozenset({"complete"}),
     "sent_back": frozenset({"collecting"}),  # and an item sent back (adapter narrows)
     "handed_off": frozenset({"complete"}),  # and exported (adapter narrows; "ready" excludes)
 }
 ALL = "all"
-LIVE_STATES = frozenset({"new", "consent", "procedure", "collecting", "complete"})
+LIVE_STATES = frozenset(
+    {"new", "consent", "procedure", "name", "birth_date", "collecting", "complete"}
+)
 
 _CASE_ID = re.compile(r"[0-9a-f]{32}")
-_STATES = frozenset({"new", "consent", "procedure", "collecting", "complete"})
+_STATES = LIVE_STATES
 _ITEM_STATUSES = frozenset({"pending", "received", "done", "skipped", "dont_have", "sent_back"})
 _KINDS = frozenset({"pdf", "dicom", "image", "office", "zip", "other"})
 _VERDICTS = ("accepted", "noted", "rejected")
+# File flags shown next to an item in the case view.
+_FLAGS = {
+    "identity_mismatch": "coordinator.flag.identity_mismatch",
+    "active_content": "coordinator.flag.active_content",
+}
 
 
 def dynamic_keys() -> frozenset[str]:
@@ -121,6 +128,7 @@ class ItemView:
     has_answer: bool
     files: tuple[FileSummary, ...] = ()
     review: str | None = None  # core.model.ItemProgress.review
+    flags: tuple[str, ...] = ()  # of its files: identity_mismatch, active_content...
 
     @property
     def reviewable(self) -> bool:
@@ -154,6 +162,8 @@ class CaseView:
     completions: int
     items: tuple[ItemView, ...]
     handed_off: bool = False
+    patient_name: str | None = None  # decrypted for the view; the message is sealed
+    birth_date: str | None = None  # ISO
 
     def item_at(self, index: int) -> ItemView | None:
         return self.items[index] if 0 <= index < len(self.items) else None
@@ -297,6 +307,9 @@ def item_line(item: ItemView, position: int | None = None) -> Text:
             "verdicts": tuple(_verdict(v, n) for v, n in item.verdicts.items()),
         }
         line = Text("coordinator.case_item_files", params)
+    for flag in item.flags:
+        if flag in _FLAGS:
+            line = Text("coordinator.item_with_flag", {"line": line, "flag": Text(_FLAGS[flag])})
     label = review.review_label(item.review)
     if label is not None:
         line = Text("coordinator.item_with_review", {"line": line, "review": label})
@@ -325,6 +338,9 @@ def case_reply(view: CaseView, sign: Signer) -> Reply:
             },
         )
     ]
+    if view.patient_name is not None:
+        born = view.birth_date or "-"
+        parts.append(Text("alert.patient", {"name": Verbatim(view.patient_name), "born": born}))
     if view.current_item is not None:
         current = (
             Text(view.current_title)

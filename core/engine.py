@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
+from core import identity
 from core.checklist import Checklist, ChecklistItem
 from core.events import (
     CaseCompleted,
@@ -130,6 +131,14 @@ def _item_buttons(case: Case, item: ChecklistItem) -> tuple[tuple[Button, ...], 
     return tuple(rows)
 
 
+def _name_prompt() -> Reply:
+    return reply(Text("identity.ask_name"))
+
+
+def _birth_date_prompt() -> Reply:
+    return reply(Text("identity.ask_birth_date"))
+
+
 def _complete_message() -> Reply:
     return reply(Text("case.complete"), Text("case.next_steps"))
 
@@ -140,6 +149,10 @@ def prompt_for(case: Case, ctx: Context) -> Reply:
         return _consent_prompt(ctx)
     if case.state is State.PROCEDURE:
         return _procedure_prompt(ctx)
+    if case.state is State.NAME:
+        return _name_prompt()
+    if case.state is State.BIRTH_DATE:
+        return _birth_date_prompt()
     if case.state is State.COLLECTING:
         return _item_prompt(case, ctx)
     return _complete_message()
@@ -245,6 +258,15 @@ def _set_checklist(case: Case, key: str, ctx: Context) -> None:
 
 
 def _begin_collecting(case: Case, ctx: Context, out: Outcome) -> None:
+    """The first item, once the patient has said who they are (asked once, before it)."""
+    if case.patient_name is None:
+        case.state = State.NAME
+        out.replies.append(reply(Text("identity.why"), Text("identity.ask_name")))
+        return
+    if case.birth_date is None:
+        case.state = State.BIRTH_DATE
+        out.replies.append(_birth_date_prompt())
+        return
     case.state = State.COLLECTING
     case.current_item = None
     out.replies.append(reply(Text("collecting.intro")))
@@ -296,6 +318,38 @@ def _choose_procedure(case: Case, event: Event, ctx: Context, out: Outcome) -> N
         return
     _set_checklist(case, event.arg, ctx)
     _begin_collecting(case, ctx, out)
+
+
+# A name is letters (any script), spaces, hyphens, apostrophes, dots; digits mean something
+# else was typed (a date, a phone number).
+MAX_NAME_LENGTH: Final = 200
+
+
+def _name(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    name = " ".join(event.arg.split())
+    if (
+        not any(char.isalpha() for char in name)
+        or any(char.isdigit() for char in name)
+        or len(name) > MAX_NAME_LENGTH
+    ):
+        out.replies.append(reply(Text("identity.name_invalid"), Text("identity.ask_name")))
+        return
+    case.patient_name = name
+    case.state = State.BIRTH_DATE
+    out.replies.append(_birth_date_prompt())
+
+
+def _birth_date(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    born = identity.parse_date(event.arg)
+    if born is None or born.year < EARLIEST_BIRTH_YEAR or born > ctx.now.date():
+        out.replies.append(reply(Text("identity.birth_date_invalid")))
+        return
+    case.birth_date = born
+    out.replies.append(reply(Text("identity.thanks")))
+    _begin_collecting(case, ctx, out)
+
+
+EARLIEST_BIRTH_YEAR: Final = 1900
 
 
 def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -505,7 +559,8 @@ def _not_now(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
 # `ANY` rows keep the state; the one exception is greeting a chat still in NEW.
 _GREETS = frozenset({State.CONSENT})
 _COLLECT_OR_DONE = frozenset({State.COLLECTING, State.COMPLETE})
-_PROCEDURE_OR_COLLECT = frozenset({State.PROCEDURE, State.COLLECTING})
+_IDENTITY = frozenset({State.NAME, State.BIRTH_DATE})  # asked before the first item
+_PROCEDURE_OR_COLLECT = frozenset({State.PROCEDURE, State.COLLECTING}) | _IDENTITY
 
 
 def _stay(state: State) -> frozenset[State]:
@@ -516,13 +571,17 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (State.NEW, EventKind.START): Transition(_start, _stay(State.CONSENT)),
     (State.CONSENT, EventKind.START): Transition(_start, _stay(State.CONSENT)),
     (State.CONSENT, EventKind.AGREE): Transition(
-        _agree, frozenset({State.PROCEDURE, State.COLLECTING, State.COMPLETE})
+        _agree, frozenset({State.PROCEDURE, State.COLLECTING, State.COMPLETE}) | _IDENTITY
     ),
     (State.CONSENT, EventKind.DECLINE): Transition(_decline, _stay(State.CONSENT)),
     (State.PROCEDURE, EventKind.START): Transition(_start, _PROCEDURE_OR_COLLECT),
     (State.PROCEDURE, EventKind.CHOOSE_PROCEDURE): Transition(
         _choose_procedure, _PROCEDURE_OR_COLLECT
     ),
+    (State.NAME, EventKind.START): Transition(_start, _stay(State.NAME)),
+    (State.NAME, EventKind.TEXT): Transition(_name, _stay(State.BIRTH_DATE)),
+    (State.BIRTH_DATE, EventKind.START): Transition(_start, _stay(State.BIRTH_DATE)),
+    (State.BIRTH_DATE, EventKind.TEXT): Transition(_birth_date, _stay(State.COLLECTING)),
     (State.COLLECTING, EventKind.START): Transition(_start, _stay(State.COLLECTING)),
     (State.COLLECTING, EventKind.FILE): Transition(_file, _COLLECT_OR_DONE),
     (State.COLLECTING, EventKind.TEXT): Transition(_text, _COLLECT_OR_DONE),
@@ -536,6 +595,10 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (State.COMPLETE, EventKind.SENT_BACK): Transition(_sent_back, _stay(State.COLLECTING)),
     # A new privacy notice version: consent again before anything else (see `handle`).
     (State.PROCEDURE, EventKind.CONSENT_OUTDATED): Transition(
+        _consent_outdated, _stay(State.CONSENT)
+    ),
+    (State.NAME, EventKind.CONSENT_OUTDATED): Transition(_consent_outdated, _stay(State.CONSENT)),
+    (State.BIRTH_DATE, EventKind.CONSENT_OUTDATED): Transition(
         _consent_outdated, _stay(State.CONSENT)
     ),
     (State.COLLECTING, EventKind.CONSENT_OUTDATED): Transition(
@@ -605,7 +668,7 @@ _ALLOWED_BEFORE_RECONSENT = frozenset(
 
 def _needs_new_consent(case: Case, event: Event, ctx: Context) -> bool:
     return (
-        case.state in (State.PROCEDURE, State.COLLECTING, State.COMPLETE)
+        case.state in (State.PROCEDURE, State.COLLECTING, State.COMPLETE, *_IDENTITY)
         and case.consent_version != ctx.privacy_version
         and event.kind not in _ALLOWED_BEFORE_RECONSENT
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 
 from core.replies import Text
@@ -15,6 +15,9 @@ class State(StrEnum):
     NEW = "new"
     CONSENT = "consent"
     PROCEDURE = "procedure"
+    # Who the patient is, asked once so the coordinator can see records of someone else:
+    NAME = "name"  # full name as on the passport
+    BIRTH_DATE = "birth_date"
     COLLECTING = "collecting"
     COMPLETE = "complete"
     ERASED = "erased"  # the patient asked to delete everything; the service crypto-erases it
@@ -31,6 +34,14 @@ class ItemStatus(StrEnum):
     @property
     def is_open(self) -> bool:
         return self in (ItemStatus.PENDING, ItemStatus.RECEIVED, ItemStatus.SENT_BACK)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the patient says they are; records are checked against it (core.identity)."""
+
+    name: str
+    birth_date: date | None
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,13 @@ class Case:
     completed_at: datetime | None = None
     completions: int = 0  # how many times the case became complete (one alert each)
     password_file: str | None = None  # a protected PDF of the current item awaiting its password
+    patient_name: str | None = None  # as the patient typed it; stored encrypted
+    birth_date: date | None = None  # stored encrypted
     items: dict[str, ItemProgress] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> Identity | None:
+        return Identity(self.patient_name, self.birth_date) if self.patient_name else None
 
     def progress(self, key: str) -> ItemProgress:
         return self.items.setdefault(key, ItemProgress(key))

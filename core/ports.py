@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from core.model import Case, FileRef
+from core.model import Case, FileRef, Identity
 from core.replies import Reply
 
 
@@ -76,8 +76,16 @@ class Transaction(Protocol):
     async def enqueue_deletion(self, chat_id: int, message_id: int) -> None: ...
     async def erase_case(self, case_id: str, up_to_update_id: int | None) -> None: ...
     async def enqueue(
-        self, chat_id: int, locale: str, reply: Reply, dedup_key: str | None = None
-    ) -> None: ...
+        self,
+        chat_id: int,
+        locale: str,
+        reply: Reply,
+        dedup_key: str | None = None,
+        *,
+        sealed: bool = False,
+    ) -> None:
+        """Queue a message in this transaction; `sealed` keeps it encrypted until sent."""
+        ...
 
 
 class Store(Protocol):
@@ -88,13 +96,22 @@ class FileIngest(Protocol):
     """Streams a file into the vault under the case's key and checks it."""
 
     async def ingest(
-        self, case_id: str, incoming: IncomingFile, source: FileSource
-    ) -> StoredFile: ...
+        self,
+        case_id: str,
+        incoming: IncomingFile,
+        source: FileSource,
+        identity: Identity | None = None,
+    ) -> StoredFile:
+        """Stream into the vault and check; records of someone other than `identity` are
+        flagged "identity_mismatch" on the file."""
+        ...
 
     async def discard(self, stored: StoredFile) -> None:
         """Remove a blob that turned out to duplicate one already recorded."""
 
-    async def unlock(self, case_id: str, file_id: str, password: str) -> StoredFile | None:
+    async def unlock(
+        self, case_id: str, file_id: str, password: str, identity: Identity | None = None
+    ) -> StoredFile | None:
         """Check a protected PDF again with a typed password; None if it does not open."""
 
 

@@ -15,7 +15,7 @@ from core import engine
 from core.alerts import Signer, case_ready_alert
 from core.engine import Context
 from core.events import CaseCompleted, DomainEvent, ErasureRequested, Event, EventKind
-from core.model import Case, State
+from core.model import Case, Identity, State
 from core.ports import (
     Erasure,
     FileIngest,
@@ -79,7 +79,8 @@ class ConversationService:
             case = await self._case(tx, patient, ctx)
             locked_file = engine.awaiting_password(case)
             if event.kind is EventKind.TEXT and locked_file is not None:
-                case_id = case.id  # the text is tried as the PDF's password, outside this tx
+                # the text is tried as the PDF's password, outside this tx
+                case_id, who = case.id, case.identity
             else:
                 locked_file = None
                 if event.kind is EventKind.START and event.arg:
@@ -89,20 +90,26 @@ class ConversationService:
                 if update_id is not None:
                     await tx.mark_update(update_id, patient.chat_id)
         if locked_file is not None:
-            await self._try_password(patient, case_id, locked_file, event.arg, update_id)
+            await self._try_password(patient, case_id, locked_file, event.arg, update_id, who)
             return
         for erased_id in erased:  # the key is gone; now remove blobs and rows
             await self._erasure.finish(erased_id)
 
     async def _try_password(
-        self, patient: Patient, case_id: str, file_id: str, password: str, update_id: int | None
+        self,
+        patient: Patient,
+        case_id: str,
+        file_id: str,
+        password: str,
+        update_id: int | None,
+        who: Identity | None,
     ) -> None:
         """Open the protected PDF with the typed text (in a worker), then let the engine judge.
 
         The password is kept only encrypted with the case, beside the file it opens.
         """
         ctx = self._context()
-        unlocked = await self._ingest.unlock(case_id, file_id, password.strip())
+        unlocked = await self._ingest.unlock(case_id, file_id, password.strip(), who)
         async with self._store.transaction() as tx:
             if await self._already_handled(tx, patient, update_id):
                 return
@@ -153,8 +160,8 @@ class ConversationService:
                 if update_id is not None:
                     await tx.mark_update(update_id, patient.chat_id)
                 return
-            case_id, item_key = case.id, target.key
-        stored = await self._ingest.ingest(case_id, incoming, source)
+            case_id, item_key, who = case.id, target.key, case.identity
+        stored = await self._ingest.ingest(case_id, incoming, source, who)
         recorded = False
         async with self._store.transaction() as tx:
             if await self._already_handled(tx, patient, update_id):
@@ -193,7 +200,7 @@ class ConversationService:
                 return
             case = await self._case(tx, patient, ctx)
             wanted = engine.upload_target(case, ctx) is not None
-            case_id = case.id
+            case_id, who = case.id, case.identity
             known = {
                 incoming.unique_id
                 for incoming, _ in fresh
@@ -204,7 +211,7 @@ class ConversationService:
             if not wanted or incoming.unique_id in known:
                 stored.append((incoming, None))
             else:
-                stored.append((incoming, await self._ingest.ingest(case_id, incoming, source)))
+                stored.append((incoming, await self._ingest.ingest(case_id, incoming, source, who)))
         discard: list[StoredFile] = []
         async with self._store.transaction() as tx:
             if await self._already_handled(tx, patient, fresh[0][1]):
@@ -287,6 +294,7 @@ class ConversationService:
                 self._coordinator.locale,
                 case_ready_alert(case, ctx, self._coordinator.sign),
                 dedup_key=f"case-complete:{case.id}:{event.completion}",
+                sealed=True,  # it names the patient
             )
 
 

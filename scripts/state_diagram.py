@@ -24,6 +24,8 @@ FOOTER = """```
   notice version (`PRIVACY_VERSION`) sends a started case back here (`consent_outdated`);
   agreeing resumes where the patient was, and a complete case stays complete (no new alert).
 - **procedure**: the patient picks a treatment (skipped when an invite set it).
+- **name**, **birth_date**: who the patient is, asked once before the first item, so that
+  records naming someone else are flagged for the coordinator (`core.identity`).
 - **collecting**: one checklist item at a time: files, a typed answer, done, skip, or
   "I don't have this".
 - **complete**: every required item has an accepted file, an answer, or a "don't have";

@@ -39,6 +39,19 @@ class PatientDriver:
 
         return await self.emu.wait_for(has_button, timeout=timeout, since=self.mark)
 
+    async def next_message(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The first message from the bot in this chat since the last action, whatever it says."""
+        return await self.emu.wait_for(
+            lambda event: event.get("chat_id") == self.chat_id, timeout=timeout, since=self.mark
+        )
+
+    async def introduce(self, name: str = "Ann Example", born: str = "31.01.1980") -> None:
+        """Say who you are: asked once, right after the procedure, in the patient's language."""
+        await self.next_message()  # the name question
+        self.say(name)
+        await self.next_message()  # the date of birth question
+        self.say(born)
+
     def say(self, text: str) -> int:
         self._begin()
         return self.emu.send_text(self.user, text)

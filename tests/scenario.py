@@ -12,6 +12,13 @@ from tests.files import dicom_path, document_photo, pdf_bytes
 
 Step = Event | Path
 
+# Who the patient says they are, asked once after the procedure (core.engine, identity).
+PATIENT_NAME = "Ann Example"
+IDENTITY_STEPS: list[Step] = [
+    Event(EventKind.TEXT, PATIENT_NAME),
+    Event(EventKind.TEXT, "31.01.1980"),
+]
+
 
 def default_steps(tmp_path: Path, tag: str | int = "", answer: str = "None taken") -> list[Step]:
     """Consent, the general checklist, a PDF, a CT slice, an answer and a photo: complete."""
@@ -23,6 +30,7 @@ def default_steps(tmp_path: Path, tag: str | int = "", answer: str = "None taken
         Event(EventKind.START),
         Event(EventKind.AGREE),
         Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
         referral,
         Event(EventKind.DONE, "referral"),
         dicom_path(),

@@ -40,7 +40,7 @@ from core.replies import Reply
 from core.review import CALLBACK_DATA_MAX, parse_pressed
 from handlers import coordinator, patient
 from tests.files import pdf_bytes
-from tests.scenario import apply_steps, walk_to_complete
+from tests.scenario import IDENTITY_STEPS, apply_steps, walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # in COORDINATOR_IDS
@@ -202,7 +202,12 @@ async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
     await _complete_case(app, tmp_path, DONE_PATIENT)
     waiting = Patient(WAITING_PATIENT, WAITING_PATIENT, "en")
     for update_id, event in enumerate(
-        [Event(EventKind.START), Event(EventKind.AGREE), Event(EventKind.CHOOSE_PROCEDURE, "ivf")],
+        [
+            Event(EventKind.START),
+            Event(EventKind.AGREE),
+            Event(EventKind.CHOOSE_PROCEDURE, "ivf"),
+            *IDENTITY_STEPS,
+        ],
         start=900,
     ):
         await app.service.handle(waiting, event, update_id)
@@ -264,8 +269,13 @@ async def _snapshot(world: World, except_chat: int | None = None) -> dict[str, l
     return {"cases": rows(cases), "case_items": rows(items), "case_files": rows(files)}
 
 
-def _reply(row: OutboxRow) -> Reply:
-    return Reply.from_dict(json.loads(row.payload))
+def _reply(world: World, row: OutboxRow) -> Reply:
+    return Reply.from_dict(world.app.store.outbox_payload(row))
+
+
+def _text(world: World, row: OutboxRow) -> str:
+    """What a queued message holds, sealed or not (coordinator views are sealed)."""
+    return json.dumps(world.app.store.outbox_payload(row), ensure_ascii=False)
 
 
 async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
@@ -277,9 +287,9 @@ async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
     await world.feed(world.message(COORDINATOR, COORDINATOR, "/cases"))
     rows = await _outbox_after(world, start)
     assert [r.chat_id for r in rows] == [COORDINATOR]
-    listing = rows[0].payload
+    listing = _text(world, rows[0])
     assert world.done_case in listing and world.waiting_case in listing
-    buttons = [b for row in _reply(rows[0]).buttons for b in row]
+    buttons = [b for row in _reply(world, rows[0]).buttons for b in row]
     assert {b.arg.split(":")[0] for b in buttons} == {world.done_case, world.waiting_case}
     for button in buttons:
         data = f"{button.action}:{button.arg}"
@@ -293,17 +303,19 @@ async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
     await world.feed(world.message(COORDINATOR, COORDINATOR_CHAT, "/cases ready"))
     rows = await _outbox_after(world, mark)
     assert [r.chat_id for r in rows] == [COORDINATOR_CHAT]
-    assert world.done_case in rows[0].payload and world.waiting_case not in rows[0].payload
+    assert world.done_case in _text(world, rows[0]) and world.waiting_case not in _text(
+        world, rows[0]
+    )
 
     mark = await _last_outbox_id(world)
     await world.feed(world.message(COORDINATOR, COORDINATOR, f"/case {world.done_case}"))
     rows = await _outbox_after(world, mark)
     assert [r.chat_id for r in rows] == [COORDINATOR]
-    view = _reply(rows[0])
+    view = _reply(world, rows[0])
     keys = {p.key for p in view.parts if hasattr(p, "key")}
     assert "coordinator.case_header" in keys
-    assert '"coordinator.state.complete"' in rows[0].payload
-    assert '"coordinator.kind.dicom"' in rows[0].payload
+    assert '"coordinator.state.complete"' in _text(world, rows[0])
+    assert '"coordinator.kind.dicom"' in _text(world, rows[0])
 
     mark = await _last_outbox_id(world)
     waiting_button = next(b for b in buttons if b.arg.startswith(world.waiting_case))
@@ -311,8 +323,8 @@ async def test_coordinator_lists_cases_and_opens_one(world: World) -> None:
     await world.feed(press)
     rows = await _outbox_after(world, mark)
     assert [r.chat_id for r in rows] == [COORDINATOR_CHAT]
-    assert world.waiting_case in rows[0].payload
-    assert '"coordinator.case_current"' in rows[0].payload
+    assert world.waiting_case in _text(world, rows[0])
+    assert '"coordinator.case_current"' in _text(world, rows[0])
     answer = world.answers()[-1]
     assert answer.callback_query_id == f"q{press.update_id}" and answer.text is None
 
@@ -377,8 +389,8 @@ async def test_non_owners_get_nothing_of_any_case(world: World) -> None:
                 known_cases |= set((await session.exec(select(CaseRow.id))).all())
             for row in await _outbox_after(world, mark):
                 assert row.chat_id == chat_id and chat_id > 0, where  # only their own chat
-                assert not [c for c in known_cases if c in row.payload], where
-                assert '"coordinator.' not in row.payload, where
+                assert not [c for c in known_cases if c in _text(world, row)], where
+                assert '"coordinator.' not in _text(world, row), where
             if is_button:
                 answers = world.answers()
                 assert len(answers) == answered + 1, where
@@ -484,9 +496,9 @@ async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
     await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cr:{case_id}:00")))
     card, *previews = await _outbox_after(world, mark)
     # the referral PDF's first page, made at send time: the row holds ids, never pixels
-    assert [json.loads(p.payload)["media"]["kind"] for p in previews] == ["pdf"]
+    assert [json.loads(_text(world, p))["media"]["kind"] for p in previews] == ["pdf"]
     assert all(p.chat_id == COORDINATOR for p in previews)
-    decisions = {f"{b.action}:{b.arg}" for row in _reply(card).buttons for b in row}
+    decisions = {f"{b.action}:{b.arg}" for row in _reply(world, card).buttons for b in row}
     assert world.signed(f"cd:{case_id}:00:bl") in decisions
     assert world.signed(f"cd:{case_id}:00:ok") in decisions
 
@@ -497,10 +509,10 @@ async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
     rows = await _outbox_after(world, mark)
     assert sorted(r.chat_id for r in rows) == sorted([DONE_PATIENT, COORDINATOR])
     to_patient = next(r for r in rows if r.chat_id == DONE_PATIENT)
-    assert (
-        "review.sent_back" in to_patient.payload and "review.reason.blurred" in to_patient.payload
+    assert "review.sent_back" in _text(world, to_patient) and "review.reason.blurred" in _text(
+        world, to_patient
     )
-    assert '"item.ask"' in to_patient.payload  # the referral is asked for at once
+    assert '"item.ask"' in _text(world, to_patient)  # the referral is asked for at once
     state, items = await _case_row(world, case_id)
     assert state == "collecting" and items["referral"] == ("sent_back", "blurred")
     actions = [e.action for e in await audit.entries(world.app.store)]
@@ -529,7 +541,7 @@ async def test_a_typed_reason_reaches_the_patient_as_written(world: World) -> No
     await world.feed(world.typed(COORDINATOR, COORDINATOR, reason))
     rows = await _outbox_after(world, mark)
     to_patient = next(r for r in rows if r.chat_id == DONE_PATIENT)
-    assert reason in to_patient.payload
+    assert reason in _text(world, to_patient)
     state, items = await _case_row(world, case_id)
     assert state == "collecting" and items["imaging"] == ("sent_back", "other")
     assert await world.desk.pending_prompt(Viewer(COORDINATOR, COORDINATOR)) is None
@@ -552,5 +564,5 @@ async def test_accepting_an_item_is_recorded_and_audited(world: World) -> None:
     mark = await _last_outbox_id(world)
     await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cd:{case_id}:02:bl")))
     [row] = await _outbox_after(world, mark)
-    assert "coordinator.cannot_review" in row.payload
+    assert "coordinator.cannot_review" in _text(world, row)
     assert (await _case_row(world, case_id))[1]["reports"] == ("skipped", None)

@@ -44,6 +44,7 @@ async def _at_first_item(bot: BotProcess, emulator: BotApiEmulator, user_id: int
     patient.say("/start")
     await patient.tap("I agree")
     await patient.tap("General medical review")
+    await patient.introduce()
     await patient.expect("Step 1 of 7")
     return patient
 

@@ -117,6 +117,7 @@ async def converse(emu: BotApiEmulator, bot: BotProcess, locale: str, t: dict[st
     await expect(patient, "Care Companion")
     await patient.tap(t["agree"])
     await patient.tap(t["procedure"])
+    await patient.introduce(t["name"], "31.01.1980")
     await expect(patient, t["step"].format(1))
     letter = pdf_bytes(["Referral letter", "Dear colleague"])
     patient.send_file(letter, "referral.pdf", "application/pdf")
@@ -147,6 +148,7 @@ async def test_a_thai_patient_sees_only_thai(emulator: BotApiEmulator, bot: BotP
     texts = {
         "agree": "ฉันยินยอม",
         "procedure": "การตรวจประเมินทางการแพทย์ทั่วไป",
+        "name": "สมชาย ใจดี",
         "step": "ขั้นตอนที่ {} จาก 7",
         "received": "ได้รับ",
         "done": "ส่งรายการนี้ครบแล้ว",
@@ -165,6 +167,7 @@ async def test_an_arabic_patient_sees_only_arabic(
     texts = {
         "agree": "أوافق",
         "procedure": "مراجعة طبية عامة",
+        "name": "أحمد الحسن",
         "step": "الخطوة {} من 7",
         "received": "تم الاستلام",
         "done": "انتهيت من هذا البند",

@@ -27,6 +27,7 @@ async def walk_first_items(patient: PatientDriver) -> None:
     await patient.expect("Care Companion")
     await patient.tap("I agree")
     await patient.tap("General medical review")
+    await patient.introduce()
     await patient.expect("Step 1 of 7")
     patient.send_file(
         pdf_bytes(["Referral letter", "Dear colleague"]), "referral.pdf", "application/pdf"
@@ -131,6 +132,7 @@ async def test_album_gets_one_answer(emulator: BotApiEmulator, bot: BotProcess) 
     patient.say("/start")
     await patient.tap("I agree")
     await patient.tap("General medical review")
+    await patient.introduce()
     await patient.expect("Step 1 of 7")
     patient._begin()
     emulator.send_album(

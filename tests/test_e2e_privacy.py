@@ -86,6 +86,7 @@ async def test_nothing_personal_is_readable_on_disk_or_in_logs(
         patient.say("/start")
         await patient.tap("I agree")
         await patient.tap("General medical review")
+        await patient.introduce(f"{NAME} {SURNAME}", "31.01.1987")  # typed: kept only encrypted
         uploads = [patient.send_file(plain_pdf(), FILE_NAME, "application/pdf")]
         await patient.tap("Done with this item")
         uploads.append(patient.send_file(marked_dicom(), "IMG0001.dcm", "application/dicom"))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from core.checklist import Accepts, Checklist, ChecklistItem
-from core.engine import ANY, TRANSITIONS, Context, handle, prompt_for, upload_target
+from core.engine import ANY, TRANSITIONS, Context, Outcome, handle, prompt_for, upload_target
 from core.events import CaseCompleted, ConsentGiven, Event, EventKind, FileRejected
 from core.model import Case, FileRef, ItemStatus, State
 from core.replies import Text
@@ -66,10 +66,19 @@ def new_case() -> Case:
 
 
 def consented(procedure: str | None = "general") -> Case:
+    """Consent given; with a procedure, the patient has also said who they are."""
     case = new_case()
     handle(case, Event(EventKind.START, procedure or ""), ctx())
     handle(case, Event(EventKind.AGREE), ctx())
+    if procedure is not None:
+        identified(case)
     return case
+
+
+def identified(case: Case) -> Outcome:
+    assert case.state is State.NAME
+    handle(case, Event(EventKind.TEXT, "Ann Example"), ctx())
+    return handle(case, Event(EventKind.TEXT, "31.01.1980"), ctx())
 
 
 def pdf(
@@ -90,10 +99,12 @@ def test_start_with_invite_sets_procedure_and_consent_goes_straight_to_first_ite
     case = new_case()
     handle(case, Event(EventKind.START, "ivf"), ctx())
     out = handle(case, Event(EventKind.AGREE), ctx())
-    assert case.checklist_key == "ivf" and case.state is State.COLLECTING
-    assert case.current_item == "referral"
-    assert "item.ask" in keys(out)
+    assert case.checklist_key == "ivf" and case.state is State.NAME
     assert any(isinstance(e, ConsentGiven) and e.version == "v1" for e in out.events)
+    assert keys(out)[-2:] == ["identity.why", "identity.ask_name"]
+    out = identified(case)
+    assert case.state is State.COLLECTING and case.current_item == "referral"
+    assert "item.ask" in keys(out)
     assert case.consent_version == "v1" and case.consent_at is not None
 
 
@@ -126,7 +137,8 @@ def test_files_before_consent_are_not_wanted() -> None:
 
 def test_choose_procedure() -> None:
     case = consented(procedure=None)
-    out = handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    out = identified(case)
     assert case.state is State.COLLECTING and case.current_item == "referral"
     assert "collecting.intro" in keys(out)
 
@@ -140,7 +152,7 @@ def test_choose_unknown_procedure_asks_again() -> None:
 def test_start_in_procedure_state_with_invite_begins_collecting() -> None:
     case = consented(procedure=None)
     handle(case, Event(EventKind.START, "ivf"), ctx())
-    assert case.state is State.COLLECTING and case.checklist_key == "ivf"
+    assert case.state is State.NAME and case.checklist_key == "ivf"
 
 
 def test_accepted_file_counts_and_done_advances() -> None:
@@ -380,3 +392,63 @@ def test_delete_asks_then_erases_or_keeps() -> None:
 def test_privacy_offers_withdrawal_once_consented() -> None:
     case = consented()
     assert "delete_request" in button_actions(handle(case, Event(EventKind.PRIVACY), ctx()))
+
+
+@pytest.mark.parametrize(
+    "typed",
+    ["", "   ", "12345", "John Smith 1980", "x" * 201, "!!!"],
+)
+def test_a_name_must_be_letters(typed: str) -> None:
+    case = consented(procedure=None)
+    handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    out = handle(case, Event(EventKind.TEXT, typed), ctx())
+    assert case.state is State.NAME and case.patient_name is None
+    assert keys(out) == ["identity.name_invalid", "identity.ask_name"]
+
+
+@pytest.mark.parametrize("typed", ["王小明", "สมชาย ใจดี", "  José   O'Neil-Müller ", "Иван Петров"])
+def test_names_in_any_script_are_kept_tidied(typed: str) -> None:
+    case = consented(procedure=None)
+    handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    handle(case, Event(EventKind.TEXT, typed), ctx())
+    assert case.state is State.BIRTH_DATE and case.patient_name == " ".join(typed.split())
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        ("31.01.1980", "1980-01-31"),
+        ("1980-01-31", "1980-01-31"),
+        ("1980年1月31日", "1980-01-31"),
+        ("31/01/2523", "1980-01-31"),  # Thai Buddhist era
+        ("31 Jan 1980", "1980-01-31"),
+        ("yesterday", None),
+        ("31.01.2090", None),  # in the future
+        ("01.01.1850", None),  # implausible
+    ],
+)
+def test_birth_date_is_read_in_common_forms(typed: str, expected: str | None) -> None:
+    case = consented(procedure=None)
+    handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    handle(case, Event(EventKind.TEXT, "Ann Example"), ctx())
+    out = handle(case, Event(EventKind.TEXT, typed), ctx())
+    if expected is None:
+        assert case.state is State.BIRTH_DATE and keys(out) == ["identity.birth_date_invalid"]
+    else:
+        assert case.state is State.COLLECTING and str(case.birth_date) == expected
+        assert keys(out)[:2] == ["identity.thanks", "collecting.intro"]
+
+
+def test_files_and_buttons_while_asked_who_you_are_are_answered_with_the_question() -> None:
+    case = consented(procedure=None)
+    handle(case, Event(EventKind.CHOOSE_PROCEDURE, "general"), ctx())
+    assert upload_target(case, ctx()) is None
+    out = handle(case, Event(EventKind.FILE), ctx())
+    assert keys(out) == ["not_now.name", "identity.ask_name"] and case.state is State.NAME
+    out = handle(case, Event(EventKind.START), ctx())
+    assert keys(out) == ["identity.ask_name"]
+    newer = Context(**{**ctx().__dict__, "privacy_version": "v2"})
+    handle(case, Event(EventKind.TEXT, "Ann Example"), newer)  # asked to consent again first
+    assert case.state is State.CONSENT and case.patient_name is None
+    out = handle(case, Event(EventKind.AGREE), newer)
+    assert case.state is State.NAME and keys(out)[-1] == "identity.ask_name"

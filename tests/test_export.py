@@ -42,7 +42,7 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from tests import test_store_service
 from tests.files import dicom_path, document_photo, pdf_bytes
-from tests.scenario import apply_steps
+from tests.scenario import IDENTITY_STEPS, apply_steps
 from tests.test_shell_and_cli import run_cli
 
 # The real store, vault and conversation service of the store tests, on SQLite and PostgreSQL.
@@ -135,6 +135,7 @@ async def fill_case(app: App, tmp_path: Path, chat_id: int) -> tuple[str, dict[s
         Event(EventKind.START),
         Event(EventKind.AGREE),
         Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
         referral,
         broken,
         Event(EventKind.DONE, "referral"),
@@ -307,6 +308,7 @@ async def test_unknown_and_erased_cases_are_refused(app: App, tmp_path: Path) ->
         Event(EventKind.START),
         Event(EventKind.AGREE),
         Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
     ]
     await apply_steps(app, patient, steps, 1)
     async with app.store.session() as session:
@@ -340,6 +342,7 @@ async def test_cli_exports_and_prints_the_password_apart(
         Event(EventKind.START),
         Event(EventKind.AGREE),
         Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
         letter,
     ]
     await apply_steps(app, patient, steps, 1)

@@ -46,6 +46,8 @@ def test_scripted_shell_session_completes_a_checklist(tmp_path: Path) -> None:
             f"/send {referral}",  # before consent: refused with a hint
             "AGREE",
             "GENERAL",
+            "Ann Example",
+            "31.01.1980",
             f"/send {referral}",
             "DONE",
             f"/send {dicom_path()}",

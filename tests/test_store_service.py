@@ -18,10 +18,11 @@ from bot.shell import LocalFileSource, local_incoming
 from core.events import Event, EventKind
 from core.ports import Patient
 from tests.files import dicom_path, document_photo, pdf_bytes
-from tests.scenario import walk_to_complete
+from tests.scenario import IDENTITY_STEPS, walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = -100500
+SECRET_NAME = "Zhang Wei-Secretname"  # never in clear in the database
 SECRET_ANSWER = "Zolpidem-7731 nightly; allergic to Quetzalcoatlin"
 
 
@@ -68,16 +69,18 @@ async def test_full_case_and_replayed_updates_change_nothing(app: App, tmp_path:
         (1, Event(EventKind.START)),
         (2, Event(EventKind.AGREE)),
         (3, Event(EventKind.CHOOSE_PROCEDURE, "general")),
-        (4, referral),
-        (5, Event(EventKind.DONE, "referral")),
-        (6, dicom_path()),
-        (7, Event(EventKind.DONE, "imaging")),
-        (8, Event(EventKind.SKIP, "reports")),
-        (9, Event(EventKind.DONT_HAVE, "lab_results")),
-        (10, Event(EventKind.TEXT, SECRET_ANSWER)),
-        (11, Event(EventKind.SKIP, "past_records")),
-        (12, photo),
-        (13, Event(EventKind.DONE, "identity")),
+        (4, Event(EventKind.TEXT, SECRET_NAME)),
+        (5, Event(EventKind.TEXT, "31.01.1980")),
+        (6, referral),
+        (7, Event(EventKind.DONE, "referral")),
+        (8, dicom_path()),
+        (9, Event(EventKind.DONE, "imaging")),
+        (10, Event(EventKind.SKIP, "reports")),
+        (11, Event(EventKind.DONT_HAVE, "lab_results")),
+        (12, Event(EventKind.TEXT, SECRET_ANSWER)),
+        (13, Event(EventKind.SKIP, "past_records")),
+        (14, photo),
+        (15, Event(EventKind.DONE, "identity")),
     ]
     for update_id, step in steps:
         if isinstance(step, Path):
@@ -100,9 +103,10 @@ async def test_full_case_and_replayed_updates_change_nothing(app: App, tmp_path:
         case = (await session.exec(select(CaseRow))).one()
         assert case.state == "complete" and case.completions == 1
         payloads = [row.payload for row in (await session.exec(select(OutboxRow))).all()]
-    assert all(SECRET_ANSWER not in p for p in payloads)
+    assert all(SECRET_ANSWER not in p and SECRET_NAME not in p for p in payloads)
     loaded = await _load(app, patient.chat_id)
     assert loaded.progress("medications").answer == SECRET_ANSWER
+    assert loaded.patient_name == SECRET_NAME and str(loaded.birth_date) == "1980-01-31"
 
 
 async def _load(app: App, chat_id: int):  # type: ignore[no-untyped-def]
@@ -120,6 +124,7 @@ async def test_same_file_twice_is_stored_once(app: App, tmp_path: Path) -> None:
             Event(EventKind.START, ""),
             Event(EventKind.AGREE),
             Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            *IDENTITY_STEPS,
         ],
         1,
     ):
@@ -156,6 +161,7 @@ async def test_unreadable_file_is_rejected_with_reason(app: App, tmp_path: Path)
             Event(EventKind.START, ""),
             Event(EventKind.AGREE),
             Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            *IDENTITY_STEPS,
         ],
         1,
     ):
@@ -181,6 +187,7 @@ async def test_locked_pdf_opens_with_the_typed_password(app: App, tmp_path: Path
             Event(EventKind.START, ""),
             Event(EventKind.AGREE),
             Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            *IDENTITY_STEPS,
         ],
         1,
     ):
@@ -252,6 +259,7 @@ async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path
             Event(EventKind.START),
             Event(EventKind.AGREE),
             Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            *IDENTITY_STEPS,
         ],
         1,
     ):
@@ -286,11 +294,12 @@ async def test_zip_members_become_their_own_encrypted_blobs(app: App, tmp_path: 
             Event(EventKind.START),
             Event(EventKind.AGREE),
             Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            *IDENTITY_STEPS,
         ],
         1,
     ):
         await app.service.handle(patient, event, update_id)
-    await app.service.handle(patient, Event(EventKind.DONT_HAVE, "referral"), 4)
+    await app.service.handle(patient, Event(EventKind.DONT_HAVE, "referral"), 10)
     scans = {"DICOM/IMG0001": dicom_path(), "DICOM/IMG0002": dicom_path("MR_small.dcm")}
     cd = tmp_path / "cd.zip"
     with zipfile.ZipFile(cd, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -298,7 +307,7 @@ async def test_zip_members_become_their_own_encrypted_blobs(app: App, tmp_path: 
             archive.write(path, name)
         archive.writestr("VIEWER/viewer.exe", b"MZ\x90\x00" + b"\x00" * 2000)
         archive.writestr("AUTORUN.INF", "[autorun]\nopen=viewer.exe\n")
-    await send(app, patient, cd, 5)
+    await send(app, patient, cd, 11)
     async with app.store.session() as session:
         members = (await session.exec(select(FileMemberRow))).all()
     assert sorted(m.kind for m in members) == ["dicom", "dicom"]
@@ -317,7 +326,7 @@ async def test_zip_members_become_their_own_encrypted_blobs(app: App, tmp_path: 
     assert all(m.name_enc and "IMG000" not in m.name_enc for m in members)
     report = await verify_all(app.store, app.vault, app.store.keys)
     assert report.ok and report.files_checked == 3
-    await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), 6)
+    await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), 12)
     assert list(app.vault.iter_blob_ids()) == []
     assert await count(app, FileMemberRow) == 0
 
