@@ -115,6 +115,8 @@ MESSAGE_KEYS = (
     "export.manifest.note.from_cd",
     "export.manifest.note.password",
     "export.manifest.answers",
+    "export.manifest.translated",
+    "export.manifest.is_translation",
 )
 
 MANIFEST_NAME = "00 Manifest.pdf"
@@ -208,6 +210,7 @@ class _Case:
     checklist: Checklist | None
     sources: list[_Source]
     answers: list[tuple[str, str]]  # (item title, typed answer)
+    translations: dict[str, str] = field(default_factory=dict)  # file id -> manifest note
 
 
 # -- public -----------------------------------------------------------------------------
@@ -234,8 +237,9 @@ async def build_bundle(
     case = await _load_case(store, checklists, case_id, render)
     await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
     final = await asyncio.to_thread(_free_name, out_dir, case_id)
+    notes = {**case.translations, **(translations or {})}
     tmp, bundle = await asyncio.to_thread(
-        _write_bundle, vault, case, final, new_password(), render, dict(translations or {})
+        _write_bundle, vault, case, final, new_password(), render, notes
     )
     try:
         # Audited before the archive takes its real name: nothing leaves unaudited.
@@ -319,16 +323,21 @@ async def _load_case(
         return None if token is None else store.keys.decrypt_field(case_id, wrapped, token, name)
 
     checklist = checklists.get(case.checklist_key or "")
+    if checklist is not None:  # and the records the coordinator asked for besides
+        checklist = checklist.with_extras(json.loads(decrypt(case.extras_enc, "extras") or "{}"))
     order = list(checklist.item_keys) if checklist else []
     order += sorted(set(items) - set(order))  # items of a checklist changed since
     sources: list[_Source] = []
     answers: list[tuple[str, str]] = []
+    notes: dict[str, str] = {}  # file id -> what the manifest's translation column says
     for number, key in enumerate(order, start=1):
         row = items.get(key)
         if row is None:
             continue
         definition = checklist.item(key) if checklist and key in checklist.item_keys else None
-        title = render(definition.title, {}) if definition else key
+        title = key
+        if definition is not None:
+            title = definition.title if definition.typed_title else render(definition.title, {})
         item = _Item(key, title, f"{number:02d} {safe_component(title, key, limit=60)}")
         answer = decrypt(row.answer_enc, "answer")
         if answer:
@@ -356,9 +365,22 @@ async def _load_case(
                 source.name = PurePosixPath(member_name).name or None
                 source.from_cd = name or ""
                 sources.append(source)
+        # Translations the coordinator attached: beside the originals, noted in the manifest.
+        attached = [f for f in files.values() if f.item_key == key and f.role == "translation"]
+        for file in sorted(attached, key=lambda f: f.created_at):
+            source = _Source(file.id, item, "accepted", file.created_at, file.blob_id, file.size)
+            source.sha256, source.kind = file.sha256, file.kind
+            source.name = f"translation - {decrypt(file.name_enc, 'file-name') or key}"
+            sources.append(source)
+            notes[file.id] = render("export.manifest.is_translation", {})
+        if attached:
+            for source in sources:
+                if source.item is item and source.file_id not in notes:
+                    notes[source.file_id] = render("export.manifest.translated", {})
         for position, source in enumerate((s for s in sources if s.item is item), start=1):
             source.position = position
-    return _Case(case_id, store.keys.case_key(case_id, wrapped), checklist, sources, answers)
+    key_ = store.keys.case_key(case_id, wrapped)
+    return _Case(case_id, key_, checklist, sources, answers, notes)
 
 
 # -- writing the archive (blocking: runs in a thread) ----------------------------------

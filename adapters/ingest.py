@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 
 from sqlmodel import select
 
+from adapters import metrics
 from adapters.keyring import KeyRing
 from adapters.members import extract_members
 from adapters.store import SqlStore, new_id
@@ -138,7 +139,7 @@ class VaultIngest:
         self._vault = vault
         self._store = store
         self._keys = keys
-        self._checker = checker
+        self._checker = metrics.timed_check(checker)
 
     async def _case_key(self, case_id: str) -> bytes:
         async with self._store.reader() as session:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_
@@ -19,6 +20,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from adapters import audit
 from adapters.keyring import KeyRing
 from adapters.tables import (
+    CardRow,
     CaseRow,
     ErasureRow,
     FileMemberRow,
@@ -27,6 +29,7 @@ from adapters.tables import (
     InviteRow,
     ItemRow,
     OutboxRow,
+    UploadSessionRow,
 )
 from core.model import Case, FileRef, ItemProgress, ItemStatus, State
 from core.ports import IncomingFile, Patient, StoredFile
@@ -35,6 +38,11 @@ from core.replies import Reply, Text
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def token_hash(token: str) -> str:
+    """How an upload link's token is stored: only its hash (a database leak opens nothing)."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def new_id() -> str:
@@ -58,7 +66,7 @@ def _file_to_json(ref: FileRef) -> dict[str, Any]:
     }
 
 
-def _file_from_json(data: dict[str, Any]) -> FileRef:
+def file_from_json(data: dict[str, Any]) -> FileRef:
     return FileRef(
         data["file_id"],
         data["kind"],
@@ -110,6 +118,10 @@ class SqlTransaction:
             password_file=row.password_file,
             patient_name=self._decrypt(row, row.patient_name_enc, "patient-name"),
             birth_date=_date(self._decrypt(row, row.birth_date_enc, "birth-date")),
+            active_at=row.active_at,
+            reminders_sent=row.reminders_sent,
+            reminders_paused=row.reminders_paused,
+            extras=json.loads(self._decrypt(row, row.extras_enc, "extras") or "{}"),
         )
         for item in items:
             answer = None
@@ -118,10 +130,11 @@ class SqlTransaction:
             case.items[item.item_key] = ItemProgress(
                 key=item.item_key,
                 status=ItemStatus(item.status),
-                files=[_file_from_json(f) for f in json.loads(item.files_json)],
+                files=[file_from_json(f) for f in json.loads(item.files_json)],
                 answer=answer,
                 rejected_uploads=item.rejected_uploads,
                 review=item.review,
+                translation=item.translation,
             )
         return case
 
@@ -172,6 +185,12 @@ class SqlTransaction:
         row.birth_date_enc = self._encrypt(
             row, case.birth_date.isoformat() if case.birth_date else None, "birth-date"
         )
+        row.active_at = case.active_at
+        row.reminders_sent = case.reminders_sent
+        row.reminders_paused = case.reminders_paused
+        row.extras_enc = self._encrypt(
+            row, json.dumps(case.extras, ensure_ascii=False) if case.extras else None, "extras"
+        )
         row.updated_at = utcnow()
         self.session.add(row)
         existing = {
@@ -188,6 +207,7 @@ class SqlTransaction:
             item.files_json = json.dumps([_file_to_json(f) for f in progress.files])
             item.rejected_uploads = progress.rejected_uploads
             item.review = progress.review
+            item.translation = progress.translation
             item.answer_enc = (
                 None
                 if progress.answer is None
@@ -203,7 +223,12 @@ class SqlTransaction:
         return (await self.session.exec(query)).first()
 
     async def add_file(
-        self, case: Case, item_key: str, incoming: IncomingFile, stored: StoredFile
+        self,
+        case: Case,
+        item_key: str,
+        incoming: IncomingFile,
+        stored: StoredFile,
+        role: str | None = None,
     ) -> None:
         row = await self.session.get(CaseRow, case.id)
         assert row is not None
@@ -229,6 +254,7 @@ class SqlTransaction:
                 name_enc=name_enc,
                 mime=incoming.mime,
                 created_at=utcnow(),
+                role=role,
             )
         )
         await self.session.flush()  # the members point at the file row
@@ -279,8 +305,11 @@ class SqlTransaction:
             return
         row.wrapped_key, row.state = b"", "erased"
         row.checklist_key = row.current_item = row.password_file = None
-        row.patient_name_enc = row.birth_date_enc = None
+        row.patient_name_enc = row.birth_date_enc = row.extras_enc = None
         self.session.add(row)
+        card = await self.session.get(CardRow, row.chat_id)
+        if card is not None:  # which message in the chat was the card: gone with the case
+            await self.session.delete(card)
         for item in (
             await self.session.exec(select(ItemRow).where(ItemRow.case_id == case_id))
         ).all():
@@ -350,6 +379,45 @@ class SqlTransaction:
         text = json.dumps(reply.to_dict(), ensure_ascii=False)
         return json.dumps({"sealed": self.keys.seal_outgoing(text)}) if sealed else text
 
+    async def open_upload(
+        self, case_id: str, item_key: str, chat_id: int, ttl: timedelta
+    ) -> str | None:
+        """A web upload session for this case's item (adapters.uploads); the link's token,
+        kept only hashed; None when the case is not this chat's or was erased."""
+        case = await self.session.get(CaseRow, case_id)
+        if case is None or case.chat_id != chat_id or not case.wrapped_key:
+            return None
+        token, now = secrets.token_urlsafe(32), utcnow()
+        self.session.add(
+            UploadSessionRow(
+                id=new_id(),
+                token_hash=token_hash(token),
+                case_id=case_id,
+                item_key=item_key,
+                chat_id=chat_id,
+                state="open",
+                expires_at=now + ttl,
+                created_at=now,
+            )
+        )
+        return token
+
+    async def enqueue_card(self, chat_id: int, locale: str, card: Reply) -> None:
+        """One pending card per chat: a newer version replaces the one not yet sent."""
+        payload = json.dumps({"card": card.to_dict()}, ensure_ascii=False)
+        pending = await self.session.exec(
+            select(OutboxRow).where(
+                OutboxRow.chat_id == chat_id,
+                OutboxRow.status == "pending",
+                col(OutboxRow.payload).startswith('{"card"'),
+            )
+        )
+        row = pending.first()
+        if row is None:
+            row = OutboxRow(chat_id=chat_id, locale=locale, payload=payload, created_at=utcnow())
+        row.locale, row.payload = locale, payload
+        self.session.add(row)
+
     async def enqueue_media(
         self, chat_id: int, locale: str, media: dict[str, Any], caption: Reply
     ) -> None:
@@ -415,11 +483,55 @@ class SqlStore:
             return dict(json.loads(self.keys.unseal_outgoing(payload["sealed"])))
         return payload
 
+    async def waiting_cases(self, active_before: datetime, max_sent: int) -> list[int]:
+        async with self.reader() as session:
+            rows = await session.exec(
+                select(CaseRow.chat_id)
+                .where(CaseRow.state == "collecting")
+                .where(col(CaseRow.reminders_paused).is_(False))
+                .where(col(CaseRow.reminders_sent) < max_sent)
+                .where(col(CaseRow.active_at) < active_before)
+            )
+            return list(rows.all())
+
     async def create_invite(self, procedure: str) -> str:
         code = secrets.token_urlsafe(18)
         async with self.session() as session:
             session.add(InviteRow(code=code, procedure=procedure, created_at=utcnow()))
         return code
+
+    async def store_updates(self, updates: list[tuple[int, int | None, str]]) -> int:
+        """Keep a batch of updates (id, chat, payload) durably in one commit, before they are
+        confirmed to Telegram; ones already known are skipped. Returns how many were new."""
+        if not updates:
+            return 0
+        try:
+            return await self._store_batch(updates)
+        except IntegrityError:  # another instance stored one of them meanwhile: one by one
+            return sum([await self.store_update(*update) for update in updates])
+
+    async def _store_batch(self, updates: list[tuple[int, int | None, str]]) -> int:
+        async with self.session() as session:
+            ids = [update_id for update_id, _, _ in updates]
+            known = set(
+                (
+                    await session.exec(
+                        select(InboxRow.update_id).where(col(InboxRow.update_id).in_(ids))
+                    )
+                ).all()
+            )
+            now = utcnow()
+            fresh = [u for u in updates if u[0] not in known]
+            for update_id, chat_id, payload in fresh:
+                session.add(
+                    InboxRow(
+                        update_id=update_id,
+                        chat_id=chat_id,
+                        payload_enc=self.keys.encrypt_inbox(update_id, payload),
+                        received_at=now,
+                    )
+                )
+        return len(fresh)
 
     async def store_update(self, update_id: int, chat_id: int | None, payload: str) -> bool:
         """Keep an update durably before it is confirmed to Telegram; False if already known."""

@@ -31,6 +31,13 @@ class CaseRow(SQLModel, table=True):
     # Who the patient says they are (identity check), encrypted with the case key.
     patient_name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     birth_date_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Reminders (core.reminders): the last step of the conversation, how many reminders
+    # were sent since, and whether the patient asked to pause them.
+    active_at: datetime | None = None
+    reminders_sent: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    reminders_paused: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
+    # Records the coordinator asked for beyond the checklist (JSON), encrypted: typed words.
+    extras_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     wrapped_key: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime
     updated_at: datetime
@@ -46,6 +53,7 @@ class ItemRow(SQLModel, table=True):
     answer_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     rejected_uploads: int = 0
     review: str | None = Field(default=None, max_length=64)  # accepted, or a send-back reason
+    translation: str | None = Field(default=None, max_length=16)  # ordered, attached
 
 
 class FileRow(SQLModel, table=True):
@@ -66,6 +74,9 @@ class FileRow(SQLModel, table=True):
     mime: str | None = Field(default=None, max_length=128)
     password_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime
+    # None: the patient's record. "translation": a translation the coordinator attached to
+    # the item (kept beside the original, not counted toward the item, in the bundle).
+    role: str | None = Field(default=None, max_length=16)
 
 
 class FileMemberRow(SQLModel, table=True):
@@ -81,6 +92,16 @@ class FileMemberRow(SQLModel, table=True):
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     sha256: str = Field(max_length=64)
     name_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class CardRow(SQLModel, table=True):
+    """The patient's live checklist card: the one message edited as the case changes."""
+
+    __tablename__ = "cards"
+
+    chat_id: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    message_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: datetime
 
 
 class CoordinatorPromptRow(SQLModel, table=True):
@@ -169,3 +190,29 @@ class AuditRow(SQLModel, table=True):
     detail: str = Field(default="", max_length=200)
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)
+
+
+class UploadSessionRow(SQLModel, table=True):
+    """A web upload opened from the chat for one case and item (see adapters.uploads).
+
+    The link's token is kept only as its SHA-256; the file list (names are personal data) is
+    encrypted with the case key. Per-file progress is the vault itself: each chunk is its own
+    blob, committed durably before it is acknowledged, so a row can never claim a chunk the
+    disk does not hold. No foreign key to `cases`: erasure removes case rows freely and the
+    upload sweep then removes what is left here.
+    """
+
+    __tablename__ = "upload_sessions"
+
+    id: str = Field(primary_key=True, max_length=32)
+    token_hash: str = Field(max_length=64, unique=True)
+    case_id: str = Field(max_length=32, index=True)
+    item_key: str = Field(max_length=64)
+    chat_id: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    state: str = Field(max_length=16, index=True)  # open, finishing, complete, expired
+    manifest_enc: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    total_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    handed: int = 0  # files handed to the intake so far (a resumed hand-over skips them)
+    expires_at: datetime
+    created_at: datetime
+    completed_at: datetime | None = None

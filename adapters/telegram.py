@@ -38,16 +38,19 @@ from aiogram.types import (
     InlineKeyboardButton,
     InlineKeyboardMarkup,
     Update,
+    WebAppInfo,
 )
 from sqlalchemy import or_
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
+from adapters import metrics
+from adapters.cluster import SOLO, ClusterUnavailable, RateLimiter, Solo
 from adapters.media import CaseMedia, PreviewUnavailable
 from adapters.store import SqlStore, utcnow
-from adapters.tables import InboxRow, OutboxRow
+from adapters.tables import CardRow, InboxRow, OutboxRow
 from core.replies import Reply, Text, Verbatim
-from handlers.render import Translator
+from handlers.render import RenderedButton, Translator
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,10 @@ MAX_ATTEMPTS = 5  # then an update is parked and the patient told something went
 ALBUM_WAIT_S = 1.0  # how long the first part of an album waits for the others
 CAPTION_MAX = 1024  # Telegram's limit for a photo's caption
 SCRUBBED = "{}"  # the payload of a message once it is out
+# Several instances (adapters.cluster): how long a lane waits for a chat's lease that
+# another instance holds before leaving the chat to a later scan.
+INBOX_LEASE_WAIT_S = 2.0
+OUTBOX_LEASE_WAIT_S = 0.2  # short: the holder sends every pending row of the chat anyway
 
 
 def backoff(attempt: int) -> float:
@@ -101,11 +108,13 @@ class Poller:
                 log.warning("getUpdates failed (%s); retrying in %ss", type(exc).__name__, delay)
                 await asyncio.sleep(min(float(delay), 60.0))
                 continue
+            batch = []
             for update in updates:
                 payload = update.model_dump(mode="json", exclude_none=True, by_alias=True)
-                await self._store.store_update(
-                    update.update_id, chat_of(payload), json.dumps(payload, ensure_ascii=False)
-                )
+                text = json.dumps(payload, ensure_ascii=False)
+                batch.append((update.update_id, chat_of(payload), text))
+            await self._store.store_updates(batch)  # one commit for the whole batch
+            metrics.UPDATES_RECEIVED.labels("polling").inc(len(updates))
             if updates:
                 # Only now, with every update committed, may the next call confirm them.
                 offset = updates[-1].update_id + 1
@@ -122,9 +131,11 @@ class InboxProcessor:
         on_parked: Callable[[int | None], Any],
         context: dict[str, Any],
         handled: asyncio.Event | None = None,
+        cluster: Solo = SOLO,
     ) -> None:
         self._bot = bot
         self._dp = dispatcher
+        self._cluster = cluster  # several instances: a chat's lane is drained under its lease
         self._store = store
         self._wake = wake
         self._on_parked = on_parked
@@ -187,18 +198,25 @@ class InboxProcessor:
     async def _drain(self, lane: int) -> None:
         queue = self._queues[lane]
         try:
-            while queue and not self._stopping:
-                group = await self._album_group(queue)
-                ok = await self._process(group)
-                if not ok:
-                    # Keep the chat's order: later updates wait for this one's retry.
+            # With several instances, the chat's lease: wait a moment for an instance that
+            # is finishing the chat's previous update (it may have arrived there).
+            async with self._cluster.lease(f"inbox:{lane}", wait=INBOX_LEASE_WAIT_S) as lease:
+                while queue and lease and not lease.lost and not self._stopping:
+                    group = await self._album_group(queue)
+                    ok = await self._process(group)
+                    if not ok:
+                        # Keep the chat's order: later updates wait for this one's retry.
+                        for waiting in queue:
+                            self._queued.discard(waiting)
+                        queue.clear()
+                        break
+                    for update_id in group:
+                        queue.remove(update_id)
+                        self._queued.discard(update_id)
+                if lease is None or lease.lost:  # another instance has the chat: scan later
                     for waiting in queue:
                         self._queued.discard(waiting)
                     queue.clear()
-                    break
-                for update_id in group:
-                    queue.remove(update_id)
-                    self._queued.discard(update_id)
         finally:
             del self._workers[lane]
             if not queue:
@@ -254,11 +272,15 @@ class InboxProcessor:
             )
         except Exception as exc:  # any handler failure is retried, then parked
             return await self._failed(head.update_id, head.chat_id, head.attempts, exc)
-        async with self._store.transaction() as tx:
-            for row in rows:
-                if not await tx.update_seen(row.update_id):  # an update no handler took
-                    await tx.mark_update(row.update_id, row.chat_id)
+        # Handlers mark their update in their own transaction; only an update no handler
+        # took needs a write here (a read first: most updates need none).
+        if not await self._all_marked(rows):
+            async with self._store.transaction() as tx:
+                for row in rows:
+                    if not await tx.update_seen(row.update_id):
+                        await tx.mark_update(row.update_id, row.chat_id)
         self._transient.pop(head.update_id, None)
+        metrics.UPDATES_PROCESSED.labels("handled").inc(len(rows))
         log.info(
             "update handled update=%s ms=%.1f",
             head.update_id,
@@ -267,6 +289,16 @@ class InboxProcessor:
         if self._handled is not None:
             self._handled.set()
         return True
+
+    async def _all_marked(self, rows: list[InboxRow]) -> bool:
+        ids = [row.update_id for row in rows]
+        async with self._store.reader() as session:
+            done = await session.exec(
+                select(func.count())
+                .select_from(InboxRow)
+                .where(col(InboxRow.update_id).in_(ids), InboxRow.status == "done")
+            )
+            return done.one() == len(ids)
 
     async def _failed(
         self, update_id: int, chat_id: int | None, attempts: int, exc: Exception
@@ -281,6 +313,7 @@ class InboxProcessor:
             attempts += 1
             delay = backoff(attempts)
         parked = not transient and attempts >= MAX_ATTEMPTS
+        metrics.UPDATES_PROCESSED.labels("parked" if parked else "failed").inc()
         log.warning(
             "update failed update=%s attempt=%d transient=%s error=%s%s",
             update_id,
@@ -386,8 +419,11 @@ class OutboxSender:
         wake: asyncio.Event,
         protected_chats: frozenset[int] = frozenset(),
         media: CaseMedia | None = None,
+        cluster: Solo = SOLO,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._bot = bot
+        self._cluster = cluster  # several instances: a chat is sent to under its lease
         self._media = media  # previews for coordinators, made at send time
         self._store = store
         self._translator = translator
@@ -395,7 +431,8 @@ class OutboxSender:
         # Chats that receive case contents (coordinators): what is sent there cannot be
         # forwarded or saved (protect_content).
         self._protected = protected_chats
-        self._limiter = _RateLimiter()
+        # Several instances share one limiter in Redis (adapters.cluster.SharedRateLimiter).
+        self._limiter: RateLimiter = limiter or _RateLimiter()
         self._lanes: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
 
@@ -405,6 +442,8 @@ class OutboxSender:
         They are not sent again (at most once); the log names each for the operator, and the
         coordinator still sees the case as ready in /cases.
         """
+        if self._cluster.shared:
+            return await self._recover_unheld()
         async with self._store.session() as session:
             rows = (
                 await session.exec(select(OutboxRow).where(OutboxRow.status == "sending"))
@@ -414,6 +453,30 @@ class OutboxSender:
                 row.status = "unconfirmed"
                 session.add(row)
         return len(rows)
+
+    async def _recover_unheld(self) -> int:
+        """`recover` with several instances (run at start and then now and then, see
+        bot.polling): an alert is "sending" while the instance sending it holds its chat's
+        lease, so only one whose chat nobody holds was cut short by a crash."""
+        async with self._store.reader() as session:
+            rows = (
+                await session.exec(
+                    select(OutboxRow.id, OutboxRow.chat_id).where(OutboxRow.status == "sending")
+                )
+            ).all()
+        recovered = 0
+        for outbox_id, chat_id in rows:
+            async with self._cluster.lease(f"outbox:{chat_id}") as lease:
+                if lease is None:
+                    continue  # being sent right now, or its dead sender's lease not yet expired
+                async with self._store.session() as session:
+                    row = await session.get(OutboxRow, outbox_id)
+                    if row is not None and row.status == "sending":
+                        log.warning("alert may not have arrived outbox=%s chat=%s", row.id, chat_id)
+                        row.status = "unconfirmed"
+                        session.add(row)
+                        recovered += 1
+        return recovered
 
     def stop(self) -> None:
         self._stopping = True
@@ -461,48 +524,58 @@ class OutboxSender:
 
     async def _send_chat(self, chat_id: int) -> None:
         try:
-            while True:
-                async with self._store.reader() as session:
-                    row = (
-                        await session.exec(
-                            select(OutboxRow)
-                            .where(OutboxRow.chat_id == chat_id, OutboxRow.status == "pending")
-                            .order_by(col(OutboxRow.id))
-                            .limit(1)
-                        )
-                    ).first()
-                if row is None or (row.next_attempt_at and row.next_attempt_at > utcnow()):
-                    return
-                if self._stopping:
-                    return
-                if not await self._send_row(row):
-                    return  # retry later; later messages of this chat wait to keep order
+            # With several instances, one sends to a chat at a time (its lease): in order,
+            # each message once. The holder sends every pending row, whoever queued it.
+            async with self._cluster.lease(f"outbox:{chat_id}", wait=OUTBOX_LEASE_WAIT_S) as lease:
+                while lease and not lease.lost:
+                    async with self._store.reader() as session:
+                        row = (
+                            await session.exec(
+                                select(OutboxRow)
+                                .where(OutboxRow.chat_id == chat_id, OutboxRow.status == "pending")
+                                .order_by(col(OutboxRow.id))
+                                .limit(1)
+                            )
+                        ).first()
+                    if row is None or (row.next_attempt_at and row.next_attempt_at > utcnow()):
+                        return
+                    if self._stopping:
+                        return
+                    if not await self._send_row(row):
+                        return  # retry later; later messages of this chat wait to keep order
         finally:
             self._lanes.pop(chat_id, None)
 
     async def _send_row(self, row: OutboxRow) -> bool:
         assert row.id is not None
-        if row.dedup_key is not None:
-            # An alert is sent at most once: mark it before the request, so a kill while the
-            # request is in flight cannot make the restarted bot send it a second time.
-            await self._mark(row.id, "sending")
+        # An alert (a row with a dedup key) is sent at most once: marked "sending" right
+        # before its request, once its turn under the rate limits has come, so a kill while
+        # the request is in flight cannot make the restarted bot (or another instance) send
+        # it a second time. Only texts and deletions carry dedup keys (not cards, pictures).
+        claim = row.id if row.dedup_key is not None else None
         try:
             payload = self._store.outbox_payload(row)
             if "delete_message" in payload:
                 await self._limiter.wait_turn(row.chat_id)
+                if claim is not None:
+                    await self._mark(claim, "sending")
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
+            elif "card" in payload:
+                await self._deliver_card(row.chat_id, row.locale, Reply.from_dict(payload["card"]))
             elif "media" in payload and payload["media"].get("type") == "export":
                 await self._deliver_bundle(row.chat_id, row.locale, payload)
             elif "media" in payload:
                 await self._deliver_media(row.chat_id, row.locale, payload)
             else:
-                await self._deliver(row.chat_id, row.locale, Reply.from_dict(payload))
+                await self._deliver(row.chat_id, row.locale, Reply.from_dict(payload), claim)
         except TelegramRetryAfter as exc:
             log.warning("429 from Telegram outbox=%s retry_after=%s", row.id, exc.retry_after)
+            metrics.SEND_RETRIES.labels("rate_limited").inc()
             await self._reschedule(row.id, float(exc.retry_after), count=False)
             return False
-        except (TelegramServerError, TelegramNetworkError, TimeoutError) as exc:
+        except (TelegramServerError, TelegramNetworkError, TimeoutError, ClusterUnavailable) as exc:
             log.warning("send failed outbox=%s error=%s", row.id, type(exc).__name__)
+            metrics.SEND_RETRIES.labels("unavailable").inc()
             await self._reschedule(row.id, backoff(row.attempts + 1), count=True)
             return False
         except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as exc:
@@ -513,19 +586,20 @@ class OutboxSender:
         await self._finish(row.id, "sent")
         return True
 
-    async def _deliver(self, chat_id: int, locale: str, reply: Reply) -> None:
+    async def _deliver(
+        self, chat_id: int, locale: str, reply: Reply, claim: int | None = None
+    ) -> None:
         rendered = self._translator.render(locale, reply)
         markup = None
         if rendered.buttons:
             markup = InlineKeyboardMarkup(
-                inline_keyboard=[
-                    [InlineKeyboardButton(text=b.label, callback_data=b.data) for b in row]
-                    for row in rendered.buttons
-                ]
+                inline_keyboard=[[inline_button(b) for b in row] for row in rendered.buttons]
             )
         for index, text in enumerate(rendered.texts):
             last = index == len(rendered.texts) - 1
             await self._limiter.wait_turn(chat_id)  # each part of a long text counts
+            if claim is not None and index == 0:
+                await self._mark(claim, "sending")  # an alert: see _send_row
             await self._bot.send_message(
                 chat_id,
                 text,
@@ -555,6 +629,32 @@ class OutboxSender:
             caption=text,
             protect_content=True,
         )
+
+    async def _deliver_card(self, chat_id: int, locale: str, card: Reply) -> None:
+        """The patient's checklist card: the same message edited in place, pinned when first
+        sent. A card deleted by the patient is sent (and pinned) anew."""
+        text = self._translator.render(locale, card).texts[0]
+        async with self._store.reader() as session:
+            known = await session.get(CardRow, chat_id)
+        if known is not None:
+            await self._limiter.wait_turn(chat_id)
+            try:
+                await self._bot.edit_message_text(
+                    text=text, chat_id=chat_id, message_id=known.message_id
+                )
+                return
+            except TelegramBadRequest as exc:
+                if "not modified" in str(exc):
+                    return  # the same content: nothing to do
+                log.info("card gone chat=%s: sending a new one", chat_id)
+        await self._limiter.wait_turn(chat_id)
+        sent = await self._bot.send_message(chat_id, text)
+        with contextlib.suppress(TelegramAPIError):  # pinning is a nicety (groups need rights)
+            await self._bot.pin_chat_message(chat_id, sent.message_id, disable_notification=True)
+        async with self._store.session() as session:
+            await session.merge(
+                CardRow(chat_id=chat_id, message_id=sent.message_id, updated_at=utcnow())
+            )
 
     async def _deliver_bundle(self, chat_id: int, locale: str, payload: dict[str, Any]) -> None:
         """The hand-off archive (AES-encrypted on disk) as a document, to a coordinator's chat.
@@ -600,6 +700,15 @@ class OutboxSender:
                 row.status, row.sent_at = status, utcnow()
                 row.payload = SCRUBBED  # delivered (or refused): no content stays behind
                 session.add(row)
+
+
+def inline_button(button: RenderedButton) -> InlineKeyboardButton:
+    """A callback button, or a link (opened in the browser, or in Telegram as a Mini App)."""
+    if button.url is not None and button.mini_app:
+        return InlineKeyboardButton(text=button.label, web_app=WebAppInfo(url=button.url))
+    if button.url is not None:
+        return InlineKeyboardButton(text=button.label, url=button.url)
+    return InlineKeyboardButton(text=button.label, callback_data=button.data)
 
 
 def parked_notice() -> Reply:

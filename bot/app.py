@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from adapters.database import create_engine, is_sqlite
 from adapters.directory import button_secret, sign_button
@@ -20,7 +20,7 @@ from bot.settings import Settings
 from checklists import load_all
 from core.checklist import Checklist
 from core.engine import Context
-from core.service import ConversationService, Coordinator
+from core.service import ConversationService, Coordinator, WebUploads
 from handlers.render import Translator, available_locales, language_name
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class App:
     locales: tuple[str, ...]
     service: ConversationService
     eraser: Eraser
+    ingest: VaultIngest  # also stores the translations coordinators attach
 
     def context(self) -> Context:
         return Context(
@@ -52,6 +53,7 @@ class App:
             language_names={code: language_name(code) for code in self.locales},
             privacy_version=self.settings.privacy_version,
             now=datetime.now(UTC),
+            web_uploads=bool(self.settings.web_base_url),
         )
 
     async def close(self) -> None:
@@ -71,6 +73,13 @@ def prepare(settings: Settings) -> None:
             settings.key_file,
         )
     upgrade(settings.db_url)
+
+
+def web_uploads(settings: Settings) -> WebUploads | None:
+    if not settings.web_base_url:
+        return None
+    ttl = timedelta(hours=settings.upload_link_hours)
+    return WebUploads(settings.web_base_url.rstrip("/"), ttl)
 
 
 def build_app(settings: Settings) -> App:
@@ -102,7 +111,8 @@ def build_app(settings: Settings) -> App:
         settings.default_locale if settings.default_locale in locales else locales[0],
         eraser,
         delete_uploads=settings.delete_upload_messages,
+        web_uploads=web_uploads(settings),
     )
-    app = App(settings, store, vault, translator, checklists, locales, service, eraser)
+    app = App(settings, store, vault, translator, checklists, locales, service, eraser, ingest)
     app_holder.append(app)
     return app

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care-companion", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="run the bot with long polling")
+    sub.add_parser("webhook", help="run the bot behind HTTPS: Telegram posts to WEB_BASE_URL")
     sub.add_parser("shell", help="chat with the bot offline in this terminal")
     sub.add_parser("migrate", help="bring the database schema up to date")
     check = sub.add_parser("check", help="check files as the bot would (folders and ZIPs expand)")
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         "--accept-failures", action="store_true", help="swap the key file even if some rows failed"
     )
     sub.add_parser("verify", help="check every stored file's integrity against its record")
+    sub.add_parser("doctor", help="check settings, database, key, Bot API, disk; exit 1 on a FAIL")
+    backup = sub.add_parser("backup", help="online backup of database and vault (not the key)")
+    backup.add_argument("dest", type=Path, help="a new or empty folder")
+    restore = sub.add_parser("restore", help="restore a backup into an empty DATA_DIR, verified")
+    restore.add_argument("src", type=Path, help="the backup folder")
     audit = sub.add_parser("audit", help="print a case's audit trail (and check the chain)")
     audit.add_argument("case_id")
     cases = sub.add_parser("cases", help="list, show and invite cases")
@@ -73,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from intake.cli import main as check_main
 
         return check_main([*args.paths, *(["--json"] if args.json else [])])
+    if args.command == "doctor":  # reports a bad setting as one of its checks
+        from bot.doctor import doctor
+
+        return doctor()
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -80,10 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from bot.app import configure_logging, prepare
 
-    configure_logging(settings.log_level if args.command in {"run"} else "WARNING")
-    if args.command == "run" and settings.bot_token is None:
+    configure_logging(settings.log_level if args.command in {"run", "webhook"} else "WARNING")
+    if args.command in {"run", "webhook"} and settings.bot_token is None:
         print(_HOW_TO_CONNECT, file=sys.stderr)
         return 2
+    if args.command == "webhook":
+        from bot.webhook import missing_settings
+
+        if missing := missing_settings(settings):
+            print(f"care-companion: webhook mode needs {', '.join(missing)}", file=sys.stderr)
+            return 2
+    if args.command in {"backup", "restore"}:  # before prepare: no new key, no new database
+        from bot.doctor import backup_or_restore
+
+        return backup_or_restore(args, settings)
     try:
         prepare(settings)
     except Exception as exc:  # one clear line instead of a trace at start-up
@@ -100,10 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
     from bot.app import build_app
 
-    if args.command == "run":
-        from bot.polling import run_polling
+    if args.command in {"run", "webhook"}:
+        from bot.polling import serve
 
-        await run_polling(settings)
+        await serve(settings, webhook=args.command == "webhook")
         return 0
     app = build_app(settings)
     try:

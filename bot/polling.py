@@ -1,4 +1,6 @@
-"""Long-polling mode: the bot's Telegram loops (poller, inbox processor, outbox sender)."""
+"""The bot's runtime, one for both modes: long polling (`run`) and webhook (`webhook`, see
+bot.webhook) differ only in how updates reach the inbox; the inbox processor, the outbox
+sender, the retention loop, the web server and the graceful stop are the same."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import contextlib
 import functools
 import logging
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiogram import Bot, Dispatcher
@@ -14,14 +17,33 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.exceptions import TelegramAPIError
 from aiogram.types import BotCommand
+from aiohttp import web
 
+from adapters import metrics
+from adapters.cluster import SOLO, RedisCluster, SharedRateLimiter, Solo
+from adapters.database import is_sqlite
 from adapters.directory import CaseDirectory, button_secret
 from adapters.export import Bundle, build_bundle
 from adapters.keys import load_or_create_master_key
 from adapters.media import CLOUD_SEND_LIMIT, LOCAL_SEND_LIMIT, CaseMedia
-from adapters.telegram import InboxProcessor, OutboxSender, Poller, parked_notice
+from adapters.telegram import (
+    CHAT_BURST,
+    CHAT_WINDOW_S,
+    GLOBAL_PER_SECOND,
+    GROUP_BURST,
+    GROUP_WINDOW_S,
+    InboxProcessor,
+    OutboxSender,
+    Poller,
+    parked_notice,
+)
 from bot.app import App, build_app
 from bot.settings import Settings
+from bot.upload import make_upload_app
+from bot.web import Readiness, build_web_app, start_server
+from bot.webhook import receiver
+from bot.webhook import register as register_webhook
+from core.reminders import ReminderPolicy
 from core.replies import Text
 from handlers import coordinator, patient
 
@@ -29,7 +51,12 @@ log = logging.getLogger(__name__)
 
 COMMANDS = ("start", "status", "language", "help", "privacy", "delete")
 RETENTION_EVERY_S = 3600.0
+REMINDERS_EVERY_S = 300.0
+# Several instances: how often each looks for alerts whose sender died mid-request (at start
+# their dead sender's lease may not have expired yet).
+RECOVER_EVERY_S = 60.0
 STOP_GRACE_S = 10.0  # on SIGTERM, how long in-flight updates and sends may take to finish
+DEFAULT_WEBHOOK_PORT = 8080  # webhook mode without WEB_PORT
 
 
 def make_bot(settings: Settings) -> Bot:
@@ -77,9 +104,72 @@ async def export_case(app: App, case_id: str, actor: str) -> Bundle:
     )
 
 
-async def run_polling(settings: Settings) -> None:
-    app = build_app(settings)
-    bot = make_bot(settings)
+@dataclass
+class Runtime:
+    """What both modes share: the inbox processor that feeds stored updates to the handlers,
+    one at a time per chat, and the outbox sender that delivers the replies."""
+
+    app: App
+    bot: Bot
+    processor: InboxProcessor
+    sender: OutboxSender
+    inbox_wake: asyncio.Event  # set when an update is stored (poller or webhook)
+    outbox_wake: asyncio.Event
+    cluster: Solo = SOLO  # several instances (REDIS_URL): leases, shared limits, job turns
+
+    async def retention(self) -> None:
+        while True:
+            # One instance of a cluster runs it per period (alone: this one, always).
+            async with self.cluster.turn("retention", RETENTION_EVERY_S) as mine:
+                erased = (
+                    await self.app.service.erase_expired(self.app.settings.retention_days)
+                    if mine
+                    else 0
+                )
+            if erased:
+                log.info("retention erased %d case(s)", erased)
+                self.outbox_wake.set()
+            await asyncio.sleep(RETENTION_EVERY_S)
+
+    async def reminders(self) -> None:
+        """Reminders for missing items, checked every few minutes (each is sent at most once:
+        see ConversationService.send_reminders)."""
+        settings = self.app.settings
+        policy = ReminderPolicy.parse(
+            settings.reminder_days, settings.reminder_hours, settings.patient_timezone
+        )
+        while True:
+            async with self.cluster.turn("reminders", REMINDERS_EVERY_S) as mine:
+                sent = await self.app.service.send_reminders(policy) if mine else 0
+            if sent:
+                log.info("queued %d reminder(s)", sent)
+                self.outbox_wake.set()
+            await asyncio.sleep(REMINDERS_EVERY_S)
+
+    async def recover_alerts(self) -> None:
+        """Several instances: now and then, alerts cut short by a dead instance (see
+        OutboxSender.recover)."""
+        while True:
+            await asyncio.sleep(RECOVER_EVERY_S)
+            try:
+                await self.sender.recover()
+            except Exception as exc:  # database or Redis away: next time (never stop the bot)
+                log.warning("alert recovery failed (%s)", type(exc).__name__)
+
+
+def make_cluster(settings: Settings) -> Solo:
+    """Several instances share the work through REDIS_URL; without it, one instance and
+    no coordination at all. The namespace is the bot's id: one bot, one cluster."""
+    if not settings.redis_url:
+        return SOLO
+    if is_sqlite(settings.db_url):
+        log.warning("REDIS_URL is set but the database is SQLite: only one instance may run")
+    assert settings.bot_token is not None
+    return RedisCluster.from_url(settings.redis_url, f"cc:{settings.bot_token.split(':')[0]}")
+
+
+def build_runtime(app: App, bot: Bot, cluster: Solo = SOLO) -> Runtime:
+    settings = app.settings
     dispatcher = Dispatcher()
     # Coordinators first: their commands fall through to the patient router for anyone else.
     dispatcher.include_router(
@@ -108,7 +198,11 @@ async def run_polling(settings: Settings) -> None:
         locale=settings.coordinator_locale,
         context=app.context,
         exporter=functools.partial(export_case, app),
+        reminders_total=len(settings.reminder_days),
+        ingest=app.ingest,
     )
+    # Chats are handled in order, one update at a time each, in the processor's per-chat
+    # lanes; with several instances, a lane is drained only under its chat's lease.
     processor = InboxProcessor(
         bot,
         dispatcher,
@@ -117,6 +211,7 @@ async def run_polling(settings: Settings) -> None:
         on_parked,
         {"service": app.service, "file_source": file_source, "coordinator_desk": coordinator_desk},
         handled=outbox_wake,
+        cluster=cluster,
     )
     coordinator_chats = frozenset(settings.coordinator_ids) | frozenset(
         [settings.coordinator_chat_id] if settings.coordinator_chat_id is not None else []
@@ -133,34 +228,79 @@ async def run_polling(settings: Settings) -> None:
             exports_dir(settings),
             LOCAL_SEND_LIMIT if settings.telegram_api_local else CLOUD_SEND_LIMIT,
         ),
+        cluster=cluster,
+        # Telegram's limits are the bot's, however many instances send: kept in Redis then.
+        limiter=SharedRateLimiter(
+            cluster, (CHAT_WINDOW_S, CHAT_BURST), (GROUP_WINDOW_S, GROUP_BURST), GLOBAL_PER_SECOND
+        )
+        if isinstance(cluster, RedisCluster)
+        else None,
     )
-    poller = Poller(bot, app.store, inbox_wake, patient.ALLOWED_UPDATES)
+    return Runtime(app, bot, processor, sender, inbox_wake, outbox_wake, cluster)
 
-    async def retention() -> None:
-        while True:
-            erased = await app.service.erase_expired(settings.retention_days)
-            if erased:
-                log.info("retention erased %d case(s)", erased)
-                outbox_wake.set()
-            await asyncio.sleep(RETENTION_EVERY_S)
 
-    resumed = await app.eraser.finish_pending()
+def web_app(runtime: Runtime, readiness: Readiness, *, webhook: bool) -> web.Application:
+    """The web server's application; features served on the web are mounted here."""
+    settings, store = runtime.app.settings, runtime.app.store
+    routes = []
+    if webhook:
+        assert settings.webhook_secret is not None
+        routes.append(receiver(store, runtime.inbox_wake, settings.webhook_secret))
+    return build_web_app(
+        readiness,
+        functools.partial(metrics.refresh, store),
+        routes=routes,
+        # The upload page for files too big for the chat (bot.upload), at WEB_BASE_URL/upload/.
+        sub_apps={"/upload/": make_upload_app(runtime.app, settings)}
+        if settings.web_base_url
+        else {},
+    )
+
+
+async def serve(settings: Settings, *, webhook: bool = False) -> None:
+    """Run the bot until SIGTERM. Updates come by long polling (`care-companion run`) or,
+    with `webhook`, by Telegram's calls to the web server (`care-companion webhook`, which
+    never polls); either way they are stored in the inbox first, then handled and answered
+    by the same runtime. The web server runs in webhook mode, and with WEB_PORT set."""
+    app = build_app(settings)
+    bot = make_bot(settings)
+    cluster = make_cluster(settings)
+    runtime = build_runtime(app, bot, cluster)
+    # The read engine: on SQLite a probe must not queue for the write lock.
+    readiness = Readiness(app.store.read_engine, settings.key_file, settings.redis_url)
+    port = settings.web_port or (DEFAULT_WEBHOOK_PORT if webhook else None)
+    server: web.AppRunner | None = None
+    # Instances starting together: one of them finishes the interrupted erasures.
+    async with cluster.lease("erasures") as lease:
+        resumed = await app.eraser.finish_pending() if lease else 0
     if resumed:
         log.info("finished %d interrupted erasure(s)", resumed)
     try:
         me = await bot.get_me()
         log.info("connected to the Bot API as bot id=%s", me.id)
-        await bot.delete_webhook(drop_pending_updates=False)
+        if port is not None:  # listening before Telegram is told to send here
+            server = await start_server(
+                web_app(runtime, readiness, webhook=webhook), settings.web_host, port
+            )
+        if webhook:
+            await register_webhook(bot, settings)
+        else:
+            await bot.delete_webhook(drop_pending_updates=False)
         try:
             await set_commands(bot, app)
         except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
             log.warning("could not set the command menu: %s", type(exc).__name__)
         tasks: list[asyncio.Task[object]] = [
-            asyncio.create_task(poller.run(), name="poller"),
-            asyncio.create_task(processor.run(), name="inbox"),
-            asyncio.create_task(sender.run(), name="outbox"),
-            asyncio.create_task(retention(), name="retention"),
+            asyncio.create_task(runtime.processor.run(), name="inbox"),
+            asyncio.create_task(runtime.sender.run(), name="outbox"),
+            asyncio.create_task(runtime.retention(), name="retention"),
+            asyncio.create_task(runtime.reminders(), name="reminders"),
         ]
+        if cluster.shared:
+            tasks.append(asyncio.create_task(runtime.recover_alerts(), name="recover"))
+        if not webhook:
+            poller = Poller(bot, app.store, runtime.inbox_wake, patient.ALLOWED_UPDATES)
+            tasks.append(asyncio.create_task(poller.run(), name="poller"))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -170,13 +310,16 @@ async def run_polling(settings: Settings) -> None:
         done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         # Graceful stop: take nothing new, let what is being handled or sent finish (so no
         # transaction is cut in the middle), then cancel what is left. A kill -9 skips all
-        # this, and is safe too: it only costs a retry.
-        processor.stop()
-        sender.stop()
+        # this, and is safe too: it only costs a retry. The web server goes last: /readyz
+        # turns the balancer away meanwhile, and an update Telegram still posts is stored
+        # for the next start.
+        readiness.stopping = True
+        runtime.processor.stop()
+        runtime.sender.stop()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(processor.finish(), timeout=STOP_GRACE_S)
+            await asyncio.wait_for(runtime.processor.finish(), timeout=STOP_GRACE_S)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sender.finish(), timeout=STOP_GRACE_S)
+            await asyncio.wait_for(runtime.sender.finish(), timeout=STOP_GRACE_S)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -188,5 +331,8 @@ async def run_polling(settings: Settings) -> None:
                 raise failure  # a loop died (the token was refused...): stop with its error
         log.info("stopped")
     finally:
+        if server is not None:
+            await server.cleanup()
         await bot.session.close()
+        await cluster.close()
         await app.close()

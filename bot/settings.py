@@ -35,6 +35,40 @@ class Settings(BaseSettings):
     retention_days: int = Field(default=365, ge=1, le=36500)
     delete_upload_messages: bool = False
     log_level: str = "INFO"
+    # Reminders for missing required items: days after the patient last did something,
+    # sent between these local hours (the patient's time zone is guessed from their
+    # language unless PATIENT_TIMEZONE is set, see core.reminders).
+    reminder_days: Annotated[tuple[int, ...], NoDecode] = (1, 3, 7)
+    reminder_hours: str = "9-20"
+    patient_timezone: str | None = None
+    # The upload page (WEB_BASE_URL): how long a link works, and the most a case may hold.
+    upload_link_hours: int = Field(default=24, ge=1, le=24 * 30)
+    upload_max_case_bytes: int = Field(default=4 * 1024**3, ge=1024**2)
+    # The web server (bot/web.py): probes, metrics, the webhook. WEB_BASE_URL is the public
+    # https address the reverse proxy serves; WEB_HOST:WEB_PORT is where this process listens
+    # behind it. Without WEB_PORT, `run` opens no port and `webhook` listens on 8080.
+    web_base_url: str | None = None
+    web_host: str = "127.0.0.1"
+    web_port: int | None = Field(default=None, ge=1, le=65535)
+    # Telegram sends it back with every webhook call; a call without it is refused (401).
+    webhook_secret: str | None = None
+    # Redis shared by the instances of a cluster; /readyz pings it when set.
+    redis_url: str | None = None
+
+    @field_validator("reminder_days", mode="before")
+    @classmethod
+    def _split_days(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.replace(" ", "").split(",") if part)
+        return value
+
+    @field_validator("reminder_hours")
+    @classmethod
+    def _hours_shape(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d{1,2})-(\d{1,2})", value.strip())
+        if not match or not 0 <= int(match[1]) < int(match[2]) <= 24:
+            raise ValueError("expected FROM-TO local hours such as 9-20")
+        return value.strip()
 
     @field_validator("coordinator_ids", mode="before")
     @classmethod
@@ -70,6 +104,21 @@ class Settings(BaseSettings):
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @field_validator("web_base_url")
+    @classmethod
+    def _base_url_shape(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("expected the public address, such as https://bot.example.org")
+        return value.rstrip("/") if value else None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_shape(cls, value: str | None) -> str | None:
+        # Telegram allows 1-256 of these characters; fewer than 16 would be guessable.
+        if value and not re.fullmatch(r"[A-Za-z0-9_-]{16,256}", value):
+            raise ValueError("expected 16 to 256 letters, digits, _ or - (openssl rand -hex 32)")
+        return value or None
 
     @model_validator(mode="after")
     def _defaults_under_data_dir(self) -> Settings:

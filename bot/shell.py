@@ -105,7 +105,10 @@ class Shell:
 
     def _show(self, row: OutboxRow) -> None:
         payload = self._app.store.outbox_payload(row)
-        rendered = self._app.translator.render(row.locale, Reply.from_dict(payload))
+        if "delete_message" in payload or "card" in payload:
+            return  # the terminal keeps no messages to delete or edit; /status shows the card
+        message = payload["caption"] if "media" in payload else payload  # a picture's caption
+        rendered = self._app.translator.render(row.locale, Reply.from_dict(message))
         prefix = "[coordinator] " if row.chat_id == self._coordinator else ""
         for text in rendered.texts:
             self._print(prefix + text)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from core.checklist import Checklist, ChecklistItem
-from core.engine import Context
+from core.engine import Context, case_checklist
 from core.model import Case, FileRef, ItemStatus
 from core.replies import Button, Lines, Reply, Text, Verbatim, reply
-from core.review import EXPORT_ACTION, OPEN_ACTION, signed_button
+from core.review import EXPORT_ACTION, OPEN_ACTION, REVIEW_ACTION, signed_button
 
 Signer = Callable[[str], str]
 
@@ -41,8 +41,8 @@ def needs_translation(item: ChecklistItem, ref: FileRef, checklist: Checklist) -
     return ref.language not in working
 
 
-def _titles(items: list[ChecklistItem]) -> tuple[Text, ...]:
-    return tuple(Text(item.title) for item in items)
+def _titles(items: list[ChecklistItem]) -> tuple[Text | Verbatim, ...]:
+    return tuple(item.label for item in items)
 
 
 def flags(case: Case, checklist: Checklist) -> list[Text]:
@@ -80,13 +80,12 @@ def flags(case: Case, checklist: Checklist) -> list[Text]:
 def case_ready_alert(case: Case, ctx: Context, sign: Signer | None) -> Reply:
     """The alert: which case, procedure and hospital, each item with its files, the flags,
     and buttons to open the case and to export the bundle (signed, see core.review)."""
-    assert case.checklist_key is not None
-    checklist = ctx.checklists[case.checklist_key]
+    checklist = case_checklist(case, ctx)
     lines = tuple(
         Text(
             "coordinator.item_line",
             {
-                "title": Text(item.title),
+                "title": item.label,
                 "status": Text(f"item_status.{case.progress(item.key).status.value}"),
                 "files": len(case.progress(item.key).files),
             },
@@ -111,12 +110,20 @@ def case_ready_alert(case: Case, ctx: Context, sign: Signer | None) -> Reply:
     buttons: tuple[tuple[Button, ...], ...] = ()
     if sign is not None:
         open_label = Text("coordinator.open_button", {"case_id": Verbatim(case.id[:8])})
-        buttons = (
+        first = next(
             (
-                signed_button(open_label, sign, OPEN_ACTION, case.id),
-                signed_button(Text("coordinator.export_button"), sign, EXPORT_ACTION, case.id),
+                index
+                for index, item in enumerate(checklist.items)
+                if case.progress(item.key).files or case.progress(item.key).answer
             ),
+            None,
         )
+        row = [signed_button(open_label, sign, OPEN_ACTION, case.id)]
+        if first is not None:  # review starts at the first item holding something
+            label = Text("alert.review_button")
+            row.append(signed_button(label, sign, REVIEW_ACTION, case.id, first))
+        row.append(signed_button(Text("coordinator.export_button"), sign, EXPORT_ACTION, case.id))
+        buttons = (tuple(row),)
     else:
         parts.append(Text("coordinator.case_show_hint", {"case_id": Verbatim(case.id)}))
     return reply(*parts, buttons=buttons)

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Protocol
 
 from core import review
+from core.ports import FileSource, IncomingFile
 from core.replies import Button, Lines, Reply, Text, Verbatim, reply
 from core.review import OPEN_ACTION, Signer, signed_button
 
@@ -28,6 +29,7 @@ FILTERS: dict[str, frozenset[str]] = {
     "waiting": frozenset({"new", "consent", "procedure", "name", "birth_date", "collecting"}),
     "ready": frozenset({"complete"}),
     "sent_back": frozenset({"collecting"}),  # and an item sent back (adapter narrows)
+    "stalled": frozenset({"collecting"}),  # and every reminder sent (adapter narrows)
     "handed_off": frozenset({"complete"}),  # and exported (adapter narrows; "ready" excludes)
 }
 ALL = "all"
@@ -44,7 +46,9 @@ _VERDICTS = ("accepted", "noted", "rejected")
 _FLAGS = {
     "identity_mismatch": "coordinator.flag.identity_mismatch",
     "active_content": "coordinator.flag.active_content",
+    "needs_translation": "coordinator.flag.needs_translation",
 }
+NEEDS_TRANSLATION = "needs_translation"
 
 
 def dynamic_keys() -> frozenset[str]:
@@ -56,6 +60,7 @@ def dynamic_keys() -> frozenset[str]:
         "verdict": frozenset(_VERDICTS),
         "filter": frozenset({ALL, *FILTERS}),
     }
+    families["translation"] = frozenset({review.ORDERED, review.ATTACHED})
     built = {f"coordinator.{family}.{v}" for family, vs in families.items() for v in vs}
     return frozenset(built | review.dynamic_keys())
 
@@ -120,6 +125,18 @@ class FileSummary:
 
 
 @dataclass(frozen=True)
+class FileDetail:
+    """What the checks found in one file, for the review card (from its encrypted verdict)."""
+
+    kind: str
+    verdict: str
+    pages: int | None = None  # PDF
+    language: str | None = None  # detected from the text
+    studies: tuple[dict[str, object], ...] = ()  # DICOM: modality, date, series, images
+    findings: tuple[tuple[str, dict[str, object]], ...] = ()  # (code, params) worth a look
+
+
+@dataclass(frozen=True)
 class ItemView:
     key: str
     title: str | None  # the checklist item's title (a msgid); None if unknown
@@ -128,6 +145,8 @@ class ItemView:
     has_answer: bool
     files: tuple[FileSummary, ...] = ()
     review: str | None = None  # core.model.ItemProgress.review
+    typed_title: bool = False  # an extra record: its title is the coordinator's words
+    translation: str | None = None  # core.review ORDERED / ATTACHED
     flags: tuple[str, ...] = ()  # of its files: identity_mismatch, active_content...
 
     @property
@@ -158,7 +177,6 @@ class CaseView:
     procedure_title: str | None
     hospital: str | None
     current_item: str | None
-    current_title: str | None
     completions: int
     items: tuple[ItemView, ...]
     handed_off: bool = False
@@ -200,6 +218,22 @@ class CoordinatorDesk(Protocol):
     ) -> None: ...
 
     async def pending_prompt(self, viewer: Viewer) -> tuple[str, str] | None: ...
+
+    async def request_extra(
+        self, case_id: str, *, viewer: Viewer, update_id: int | None = None
+    ) -> None: ...
+
+    async def order_translation(
+        self, case_id: str, index: int, *, viewer: Viewer, update_id: int | None = None
+    ) -> None: ...
+
+    async def attach_translation(
+        self, case_id: str, index: int, *, viewer: Viewer, update_id: int | None = None
+    ) -> None: ...
+
+    async def translation_file(
+        self, incoming: IncomingFile, source: FileSource, *, viewer: Viewer, update_id: int
+    ) -> None: ...
 
     async def typed_reason(self, text: str, *, viewer: Viewer, update_id: int) -> None: ...
 
@@ -271,7 +305,9 @@ def cases_reply(listing: CaseList, sign: Signer) -> Reply:
 
 
 def _item_title(item: ItemView) -> Text | Verbatim:
-    return Text(item.title) if item.title is not None else Verbatim(item.key)
+    if item.title is None or item.typed_title:
+        return Verbatim(item.title or item.key)
+    return Text(item.title)
 
 
 def _item_status(status: str) -> Text | Verbatim:
@@ -310,6 +346,9 @@ def item_line(item: ItemView, position: int | None = None) -> Text:
     for flag in item.flags:
         if flag in _FLAGS:
             line = Text("coordinator.item_with_flag", {"line": line, "flag": Text(_FLAGS[flag])})
+    if item.translation is not None:
+        state = Text(f"coordinator.translation.{item.translation}")
+        line = Text("coordinator.item_with_flag", {"line": line, "flag": state})
     label = review.review_label(item.review)
     if label is not None:
         line = Text("coordinator.item_with_review", {"line": line, "review": label})
@@ -324,7 +363,9 @@ def _reviewable(view: CaseView) -> list[tuple[int, Text | Verbatim]]:
     return [(i, _item_title(item)) for i, item in enumerate(view.items) if item.reviewable]
 
 
-def case_reply(view: CaseView, sign: Signer) -> Reply:
+def case_reply(
+    view: CaseView, sign: Signer, details: dict[str, tuple[FileDetail, ...]] | None = None
+) -> Reply:
     """The case view: state, procedure, the item asked now, each item with its files;
     a review button per item that holds something, and export once the case is complete."""
     parts: list[Text | Lines] = [
@@ -341,37 +382,118 @@ def case_reply(view: CaseView, sign: Signer) -> Reply:
     if view.patient_name is not None:
         born = view.birth_date or "-"
         parts.append(Text("alert.patient", {"name": Verbatim(view.patient_name), "born": born}))
-    if view.current_item is not None:
-        current = (
-            Text(view.current_title)
-            if view.current_title is not None
-            else Verbatim(view.current_item)
-        )
-        parts.append(Text("coordinator.case_current", {"item": current}))
+    current = next((item for item in view.items if item.key == view.current_item), None)
+    if current is not None:
+        parts.append(Text("coordinator.case_current", {"item": _item_title(current)}))
     if view.items:
-        parts.append(Lines(tuple(item_line(item, i + 1) for i, item in enumerate(view.items))))
+        lines: list[Text] = []
+        for i, item in enumerate(view.items):
+            lines.append(item_line(item, i + 1))
+            lines += _details(details.get(item.key, ()) if details else ())
+        parts.append(Lines(tuple(lines)))
     else:
         parts.append(Text("coordinator.case_no_items"))
     if view.handed_off:
         parts.append(Text("coordinator.handed_off"))
     rows = review.review_rows(sign, view.case_id, _reviewable(view))
+    rows += translation_rows(view, sign)
+    if view.state in ("collecting", "complete"):
+        label = Text("coordinator.extra_button")
+        rows += ((signed_button(label, sign, review.EXTRA_ACTION, view.case_id),),)
     if view.state == "complete":
         rows += ((export_button(view.case_id, sign),),)
     return reply(*parts, buttons=rows)
+
+
+def translation_rows(view: CaseView, sign: Signer) -> tuple[tuple[Button, ...], ...]:
+    """Per item that needs translating: "ordered" first, then "attach the translation"."""
+    rows = []
+    for index, item in enumerate(view.items):
+        params = {"n": index + 1, "title": _item_title(item)}
+        if NEEDS_TRANSLATION in item.flags and item.translation is None:
+            label = Text("coordinator.translation_ordered_button", params)
+            rows.append((signed_button(label, sign, review.TRANSLATE_ACTION, view.case_id, index),))
+        elif item.translation == review.ORDERED:
+            label = Text("coordinator.attach_translation_button", params)
+            rows.append((signed_button(label, sign, review.ATTACH_ACTION, view.case_id, index),))
+    return tuple(rows)
+
+
+def translation_ordered_reply(view: CaseView, index: int, sign: Signer) -> Reply:
+    params = {"case_id": Verbatim(view.case_id[:8]), "title": _item_title(view.items[index])}
+    attach = Text("coordinator.attach_translation_button", {"n": index + 1, **params})
+    return reply(
+        Text("coordinator.translation_ordered", params),
+        buttons=((signed_button(attach, sign, review.ATTACH_ACTION, view.case_id, index),),),
+    )
+
+
+def ask_translation_reply(view: CaseView, index: int) -> Reply:
+    params = {"case_id": Verbatim(view.case_id[:8]), "title": _item_title(view.items[index])}
+    return reply(Text("coordinator.send_translation", params))
+
+
+def translation_attached_reply(view: CaseView, key: str, accepted: bool, sign: Signer) -> Reply:
+    item = next(i for i in view.items if i.key == key)
+    params = {"case_id": Verbatim(view.case_id[:8]), "title": _item_title(item)}
+    text = "coordinator.translation_attached" if accepted else "coordinator.translation_unreadable"
+    return reply(Text(text, params), buttons=((open_button(view.case_id, sign),),))
 
 
 def export_button(case_id: str, sign: Signer) -> Button:
     return signed_button(Text("coordinator.export_button"), sign, review.EXPORT_ACTION, case_id)
 
 
-def item_review_reply(view: CaseView, index: int, sign: Signer) -> Reply:
-    """One item up for review: what it holds, then accept or send back."""
+def item_review_reply(
+    view: CaseView, index: int, sign: Signer, details: tuple[FileDetail, ...] = ()
+) -> Reply:
+    """One item up for review: what it holds, file by file, then accept or send back."""
     item = view.items[index]
     header = Text(
         "coordinator.review_header",
         {"case_id": Verbatim(view.case_id[:8]), "line": item_line(item, index + 1)},
     )
-    return reply(header, buttons=review.decision_buttons(sign, view.case_id, index))
+    parts: list[Text | Lines] = [header]
+    if details:
+        parts.append(Lines(tuple(line for n, d in enumerate(details, 1) for line in _detail(n, d))))
+    return reply(*parts, buttons=review.decision_buttons(sign, view.case_id, index))
+
+
+# Files detailed per item in the case view; the review card of the item lists them all.
+DETAILS_PER_ITEM = 5
+
+
+def _details(files: tuple[FileDetail, ...]) -> list[Text]:
+    lines = [line for n, d in enumerate(files[:DETAILS_PER_ITEM], 1) for line in _detail(n, d)]
+    if len(files) > DETAILS_PER_ITEM:
+        lines.append(Text("coordinator.more_files", {"count": len(files) - DETAILS_PER_ITEM}))
+    return lines
+
+
+def _detail(n: int, detail: FileDetail) -> list[Text]:
+    """A file's line (kind, verdict, pages, language), then its studies and its findings."""
+    facts: list[Text] = []
+    if detail.pages is not None:
+        facts.append(Text("coordinator.file_pages", {"pages": detail.pages}))
+    if detail.language is not None:
+        facts.append(Text("coordinator.file_language", {"language": Verbatim(detail.language)}))
+    verdict: Text | Verbatim = Verbatim(detail.verdict)
+    if detail.verdict in _VERDICTS:
+        verdict = Text(f"coordinator.verdict.{detail.verdict}")
+    params = {
+        "n": n,
+        "kind": _kind(detail.kind),
+        "verdict": verdict,
+        "facts": Text("coordinator.file_facts", {"facts": tuple(facts)}) if facts else Verbatim(""),
+    }
+    lines = [Text("coordinator.file_line", params)]
+    for study in detail.studies:
+        lines.append(
+            Text("coordinator.file_study", {"study": Text("finding.study_summary", study)})
+        )
+    for code, found in detail.findings:
+        lines.append(Text("coordinator.file_finding", {"finding": Text(f"finding.{code}", found)}))
+    return lines
 
 
 def decided_reply(view: CaseView, index: int, code: str, sign: Signer) -> Reply:
@@ -428,6 +550,19 @@ def export_password_reply(case_id: str, password: str) -> Reply:
 
 def export_failed_reply() -> Reply:
     return reply(Text("coordinator.export_failed"))
+
+
+def ask_extra_reply(view: CaseView) -> Reply:
+    """ "Describe the record": the coordinator's next message is what the patient is asked."""
+    return reply(Text("coordinator.type_extra", {"case_id": Verbatim(view.case_id[:8])}))
+
+
+def extra_requested_reply(view: CaseView, description: str, sign: Signer) -> Reply:
+    params = {"case_id": Verbatim(view.case_id[:8]), "description": Verbatim(description)}
+    return reply(
+        Text("coordinator.extra_requested", params),
+        buttons=((open_button(view.case_id, sign),),),
+    )
 
 
 def cannot_review_reply() -> Reply:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Final
 
 from core import identity
-from core.checklist import Checklist, ChecklistItem
+from core.checklist import EXTRA_PREFIX, Accepts, Checklist, ChecklistItem
 from core.events import (
     CaseCompleted,
     ConsentGiven,
@@ -26,14 +26,18 @@ from core.events import (
     EventKind,
     FileRejected,
     ItemResolved,
+    UploadLinkWanted,
 )
 from core.model import Case, FileRef, ItemProgress, ItemStatus, State
 from core.replies import Button, Lines, Reply, Text, Verbatim, reply
+from core.review import ACCEPTED
 
 ANY: Final = "*"
 # After this many rejected uploads for one item, the next file is taken with a warning for
 # the coordinator, so no patient is ever stuck on a check they cannot pass.
 REJECTIONS_BEFORE_LENIENCY: Final = 2
+# Items whose files are often larger than the chat allows: they offer the upload page.
+LARGE_KINDS: Final = frozenset({Accepts.DICOM, Accepts.ZIP})
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class Context:
     language_names: Mapping[str, str]  # each language in its own script
     privacy_version: str
     now: datetime
+    web_uploads: bool = False  # the upload page is served (WEB_BASE_URL): large files go there
 
 
 @dataclass
@@ -67,9 +72,13 @@ class TransitionError(RuntimeError):
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _checklist(case: Case, ctx: Context) -> Checklist:
+def case_checklist(case: Case, ctx: Context) -> Checklist:
+    """The case's checklist with the extra records its coordinator asked for."""
     assert case.checklist_key is not None, "collecting without a checklist"
-    return ctx.checklists[case.checklist_key]
+    return ctx.checklists[case.checklist_key].with_extras(case.extras)
+
+
+_checklist = case_checklist
 
 
 def _current(case: Case, ctx: Context) -> ChecklistItem:
@@ -112,17 +121,19 @@ def _item_prompt(case: Case, ctx: Context) -> Reply:
     parts = [
         Text(
             "item.ask",
-            {"position": position, "total": len(checklist.items), "title": Text(item.title)},
+            {"position": position, "total": len(checklist.items), "title": item.label},
         ),
         Text(item.why),
         Text(item.how),
         Text("item.required") if item.required else Text("item.optional"),
     ]
-    return reply(*parts, buttons=_item_buttons(case, item))
+    return reply(*parts, buttons=_item_buttons(case, item, ctx))
 
 
-def _item_buttons(case: Case, item: ChecklistItem) -> tuple[tuple[Button, ...], ...]:
+def _item_buttons(case: Case, item: ChecklistItem, ctx: Context) -> tuple[tuple[Button, ...], ...]:
     rows: list[tuple[Button, ...]] = []
+    if ctx.web_uploads and item.accepts & LARGE_KINDS:  # scans: often a CD's worth
+        rows.append((Button(Text("button.upload_page"), EventKind.UPLOAD_PAGE, item.key),))
     if case.progress(item.key).files:
         rows.append((Button(Text("button.done"), EventKind.DONE, item.key),))
     if not item.required:
@@ -158,8 +169,19 @@ def prompt_for(case: Case, ctx: Context) -> Reply:
     return _complete_message()
 
 
-def status_reply(case: Case, ctx: Context) -> Reply:
-    """Every item with where it stands: received, still missing, skipped, not available."""
+def card_state(case: Case) -> tuple[object, ...]:
+    """What the checklist card shows: when it changes, the card is edited (core.service)."""
+    items = tuple((key, p.status, len(p.files), p.review) for key, p in sorted(case.items.items()))
+    return (case.state, case.checklist_key, items)
+
+
+def shows_card(case: Case) -> bool:
+    return case.state in (State.COLLECTING, State.COMPLETE) and case.checklist_key is not None
+
+
+def status_reply(case: Case, ctx: Context, header: str = "status.header") -> Reply:
+    """Every item with where it stands: received, still missing, skipped, not available;
+    also the live card's content (with its own header)."""
     if case.checklist_key is None:
         return reply(Text("status.no_checklist"))
     lines = []
@@ -170,8 +192,8 @@ def status_reply(case: Case, ctx: Context) -> Reply:
                 "status.line",
                 {
                     "mark": Verbatim(_STATUS_MARKS[progress.status]),
-                    "title": Text(item.title),
-                    "status": Text(f"item_status.{progress.status.value}"),
+                    "title": item.label,
+                    "status": _status_text(progress),
                     "files": len(progress.files),
                 },
             )
@@ -182,7 +204,14 @@ def status_reply(case: Case, ctx: Context) -> Reply:
         if item.required and case.progress(item.key).status.is_open
     ]
     summary = Text("status.missing", {"count": len(missing)}) if missing else Text("status.all_in")
-    return reply(Text("status.header"), Lines(tuple(lines)), summary)
+    return reply(Text(header), Lines(tuple(lines)), summary)
+
+
+def _status_text(progress: ItemProgress) -> Text:
+    """The item's status; "accepted" once the coordinator accepted it."""
+    if progress.review == ACCEPTED and progress.status is ItemStatus.DONE:
+        return Text("item_status.accepted")
+    return Text(f"item_status.{progress.status.value}")
 
 
 _STATUS_MARKS: Final = {
@@ -222,7 +251,7 @@ def _resolve(case: Case, status: ItemStatus, ctx: Context, out: Outcome, ack: st
     item = _current(case, ctx)
     case.progress(item.key).status = status
     out.events.append(ItemResolved(case.id, item.key, status.value))
-    out.replies.append(reply(Text(ack, {"title": Text(item.title)})))
+    out.replies.append(reply(Text(ack, {"title": item.label})))
     _advance(case, ctx, out)
 
 
@@ -357,17 +386,17 @@ def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     progress = case.progress(item.key)
     file = event.file
     if event.duplicate:
-        out.replies.append(reply(Text("file.duplicate"), buttons=_item_buttons(case, item)))
+        out.replies.append(reply(Text("file.duplicate"), buttons=_item_buttons(case, item, ctx)))
         return
     if file is None:  # not downloaded: the item takes a typed answer (see upload_target)
-        out.replies.append(reply(Text("item.needs_text"), buttons=_item_buttons(case, item)))
+        out.replies.append(reply(Text("item.needs_text"), buttons=_item_buttons(case, item, ctx)))
         return
     if file.status != "rejected" and file.kind not in item.accepts:
-        _reject(case, item, file, out, Text("file.wrong_kind", _kinds_params(item, file)))
+        _reject(case, item, file, ctx, out, Text("file.wrong_kind", _kinds_params(item, file)))
         return
     if file.status == "rejected":
         if not (file.retakeable and progress.rejected_uploads >= REJECTIONS_BEFORE_LENIENCY):
-            _reject(case, item, file, out, Text("file.rejected", {"title": Text(item.title)}))
+            _reject(case, item, file, ctx, out, Text("file.rejected", {"title": item.label}))
             return
         # Third try of a hard page: take it, and let the coordinator judge (see constant).
         file = FileRef(file.file_id, file.kind, "noted", file.notes, retakeable=True)
@@ -379,14 +408,14 @@ def _file(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     if len(progress.files) >= item.max_files:
         progress.status = ItemStatus.DONE
         out.events.append(ItemResolved(case.id, item.key, ItemStatus.DONE.value))
-        out.replies.append(reply(Text("file.received_last", {"title": Text(item.title)}), *notes))
+        out.replies.append(reply(Text("file.received_last", {"title": item.label}), *notes))
         _advance(case, ctx, out)
         return
     out.replies.append(
         reply(
-            Text("file.received", {"count": len(progress.files), "title": Text(item.title)}),
+            Text("file.received", {"count": len(progress.files), "title": item.label}),
             *notes,
-            buttons=_item_buttons(case, item),
+            buttons=_item_buttons(case, item, ctx),
         )
     )
 
@@ -396,25 +425,29 @@ def _kinds_params(item: ChecklistItem, file: FileRef) -> dict[str, object]:
     return {"kind": Text(f"kind.{file.kind}"), "accepted": accepted}
 
 
-def _reject(case: Case, item: ChecklistItem, file: FileRef, out: Outcome, why: Text) -> None:
+def _reject(
+    case: Case, item: ChecklistItem, file: FileRef, ctx: Context, out: Outcome, why: Text
+) -> None:
     if file.needs_password:  # the next typed message is tried as its password
         case.password_file = file.file_id
         out.events.append(FileRejected(case.id, item.key, file.file_id))
-        out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item)))
+        out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item, ctx)))
         return
     case.progress(item.key).rejected_uploads += 1
     out.events.append(FileRejected(case.id, item.key, file.file_id))
-    out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item)))
+    out.replies.append(reply(why, *file.notes, buttons=_item_buttons(case, item, ctx)))
 
 
 def _text(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     item = _current(case, ctx)
     if not item.is_text_answer:
-        out.replies.append(reply(Text("item.needs_file"), buttons=_item_buttons(case, item)))
+        out.replies.append(reply(Text("item.needs_file"), buttons=_item_buttons(case, item, ctx)))
         return
     answer = event.arg.strip()
     if not answer:  # one character can be a whole answer: 无, "-"
-        out.replies.append(reply(Text("item.answer_too_short"), buttons=_item_buttons(case, item)))
+        out.replies.append(
+            reply(Text("item.answer_too_short"), buttons=_item_buttons(case, item, ctx))
+        )
         return
     case.progress(item.key).answer = answer
     case.progress(item.key).review = None
@@ -425,7 +458,9 @@ def _password(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     """The service tried the typed text as the PDF's password; `event.file` is set if it opened."""
     item = _current(case, ctx)
     if event.file is None:
-        out.replies.append(reply(Text("file.password_wrong"), buttons=_item_buttons(case, item)))
+        out.replies.append(
+            reply(Text("file.password_wrong"), buttons=_item_buttons(case, item, ctx))
+        )
         return
     case.password_file = None
     out.replies.append(reply(Text("file.password_accepted")))
@@ -437,7 +472,7 @@ def _done(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         return
     item = _current(case, ctx)
     if not case.progress(item.key).files:
-        out.replies.append(reply(Text("item.nothing_yet"), buttons=_item_buttons(case, item)))
+        out.replies.append(reply(Text("item.nothing_yet"), buttons=_item_buttons(case, item, ctx)))
         return
     _resolve(case, ItemStatus.DONE, ctx, out, "item.done")
 
@@ -447,7 +482,7 @@ def _skip(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
         return
     item = _current(case, ctx)
     if item.required:
-        out.replies.append(reply(Text("item.cannot_skip"), buttons=_item_buttons(case, item)))
+        out.replies.append(reply(Text("item.cannot_skip"), buttons=_item_buttons(case, item, ctx)))
         return
     _resolve(case, ItemStatus.SKIPPED, ctx, out, "item.skipped")
 
@@ -474,10 +509,45 @@ def _sent_back(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
     case.state = State.COLLECTING
     case.current_item = item.key
     reason = event.reason if event.reason is not None else Text("review.reason.other")
-    out.replies.append(
-        reply(Text("review.sent_back", {"title": Text(item.title), "reason": reason}))
-    )
+    out.replies.append(reply(Text("review.sent_back", {"title": item.label, "reason": reason})))
     out.replies.append(_item_prompt(case, ctx))
+
+
+def _extra_requested(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """The coordinator needs one more record: it joins the checklist and is asked now."""
+    description = " ".join(event.arg.split())
+    if not description:
+        return  # checked by the caller
+    key = f"{EXTRA_PREFIX}{len(case.extras) + 1}"
+    case.extras[key] = description
+    case.progress(key)
+    case.password_file = None
+    case.state = State.COLLECTING
+    case.current_item = key
+    out.replies.append(reply(Text("extra.requested", {"description": Verbatim(description)})))
+    out.replies.append(_item_prompt(case, ctx))
+
+
+def _upload_page(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    """A file too big for the chat, or "send large files": the upload page for this item
+    (the service issues the one-time link), or what to do when there is no page."""
+    if event.kind is EventKind.UPLOAD_PAGE and _answered_stale(case, event, ctx, out):
+        return
+    item = _current(case, ctx)
+    too_big = event.kind is EventKind.LARGE_FILE
+    if item.is_text_answer:
+        out.replies.append(reply(Text("item.needs_text"), buttons=_item_buttons(case, item, ctx)))
+    elif ctx.web_uploads:
+        out.events.append(UploadLinkWanted(case.id, item.key, too_big))
+    else:
+        out.replies.append(
+            reply(Text("file.too_big_for_chat"), buttons=_item_buttons(case, item, ctx))
+        )
+
+
+def _pause_reminders(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
+    case.reminders_paused = True
+    out.replies.append(reply(Text("reminder.paused")))
 
 
 def _language_menu(case: Case, event: Event, ctx: Context, out: Outcome) -> None:
@@ -593,6 +663,14 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     # The coordinator sends an item back (core.review): it reopens; a complete case too.
     (State.COLLECTING, EventKind.SENT_BACK): Transition(_sent_back, _stay(State.COLLECTING)),
     (State.COMPLETE, EventKind.SENT_BACK): Transition(_sent_back, _stay(State.COLLECTING)),
+    (State.COLLECTING, EventKind.LARGE_FILE): Transition(_upload_page, _stay(State.COLLECTING)),
+    (State.COLLECTING, EventKind.UPLOAD_PAGE): Transition(_upload_page, _stay(State.COLLECTING)),
+    (State.COLLECTING, EventKind.EXTRA_REQUESTED): Transition(
+        _extra_requested, _stay(State.COLLECTING)
+    ),
+    (State.COMPLETE, EventKind.EXTRA_REQUESTED): Transition(
+        _extra_requested, _stay(State.COLLECTING)
+    ),
     # A new privacy notice version: consent again before anything else (see `handle`).
     (State.PROCEDURE, EventKind.CONSENT_OUTDATED): Transition(
         _consent_outdated, _stay(State.CONSENT)
@@ -630,6 +708,10 @@ TRANSITIONS: Final[dict[tuple[State | str, EventKind], Transition]] = {
     (ANY, EventKind.CONSENT_OUTDATED): Transition(_not_now, _GREETS),
     (ANY, EventKind.UNLOCK_TRIED): Transition(_not_now, _GREETS),
     (ANY, EventKind.SENT_BACK): Transition(_ignored, _GREETS),
+    (ANY, EventKind.EXTRA_REQUESTED): Transition(_ignored, _GREETS),
+    (ANY, EventKind.LARGE_FILE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.UPLOAD_PAGE): Transition(_not_now, _GREETS),
+    (ANY, EventKind.PAUSE_REMINDERS): Transition(_pause_reminders, _GREETS),
 }
 
 
@@ -662,6 +744,8 @@ _ALLOWED_BEFORE_RECONSENT = frozenset(
         EventKind.HELP,
         EventKind.PRIVACY,
         EventKind.SENT_BACK,  # the coordinator's decision, not the patient's step
+        EventKind.EXTRA_REQUESTED,
+        EventKind.PAUSE_REMINDERS,
     }
 )
 
@@ -682,6 +766,8 @@ def handle(case: Case, event: Event, ctx: Context) -> Outcome:
         event = Event(EventKind.CONSENT_OUTDATED)
     transition = transition_for(case.state, event.kind)
     before = case.state
+    # Any step, the patient's or the coordinator's, starts the reminder count afresh.
+    case.active_at, case.reminders_sent = ctx.now, 0
     out = Outcome()
     transition.action(case, event, ctx, out)
     if case.state is not before and case.state not in transition.targets:
@@ -703,6 +789,18 @@ def upload_target(case: Case, ctx: Context) -> ChecklistItem | None:
         return None
     item = _current(case, ctx)
     return None if item.is_text_answer else item
+
+
+def focus(case: Case, item_key: str | None) -> None:
+    """Make an open item the current one (a file sent for it from the upload page)."""
+    if (
+        item_key is not None
+        and case.state is State.COLLECTING
+        and item_key in case.items
+        and case.progress(item_key).status.is_open
+    ):
+        case.password_file = None if case.current_item != item_key else case.password_file
+        case.current_item = item_key
 
 
 def lenient_retake(case: Case, ctx: Context) -> bool:

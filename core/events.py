@@ -33,11 +33,19 @@ class EventKind(StrEnum):
     CONSENT_OUTDATED = "consent_outdated"  # the privacy notice changed since consent (see handle)
     # The coordinator sent an item back (arg: the item key, reason: what the patient reads).
     SENT_BACK = "sent_back"
+    PAUSE_REMINDERS = "pause_reminders"  # a button on a reminder
+    # The coordinator asked for a record beyond the checklist (arg: their description).
+    EXTRA_REQUESTED = "extra_requested"
+    # A file over the Bot API's download limit (arg: its size), or "send large files or a
+    # whole CD" pressed: the patient gets the upload page for the item (adapters.uploads).
+    LARGE_FILE = "large_file"
+    UPLOAD_PAGE = "upload_page"
 
 
 # Events a button may carry; anything else in callback data is ignored as forged or stale.
 BUTTON_EVENTS = frozenset(
     {
+        EventKind.START,  # "continue" on a reminder: the current step again
         EventKind.CHOOSE_LANGUAGE,
         EventKind.LANGUAGE_MENU,
         EventKind.AGREE,
@@ -50,6 +58,8 @@ BUTTON_EVENTS = frozenset(
         EventKind.DELETE_REQUEST,
         EventKind.DELETE_CONFIRM,
         EventKind.DELETE_CANCEL,
+        EventKind.PAUSE_REMINDERS,
+        EventKind.UPLOAD_PAGE,
     }
 )
 
@@ -88,6 +98,14 @@ class FileRejected(DomainEvent):
 @dataclass(frozen=True)
 class ErasureRequested(DomainEvent):
     """The patient confirmed deletion: the service destroys the case key and every record."""
+
+
+@dataclass(frozen=True)
+class UploadLinkWanted(DomainEvent):
+    """The patient needs the upload page for this item (the service issues the link)."""
+
+    item_key: str
+    too_big: bool  # a file they sent was over the chat's limit
 
 
 @dataclass(frozen=True)

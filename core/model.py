@@ -68,6 +68,7 @@ class ItemProgress:
     # The coordinator's review: "accepted", or the code of the reason it was sent back
     # (core.review.REASONS, or "other" for a typed reason). None until reviewed.
     review: str | None = None
+    translation: str | None = None  # "ordered", then "attached" (core.review)
 
 
 @dataclass
@@ -85,6 +86,11 @@ class Case:
     password_file: str | None = None  # a protected PDF of the current item awaiting its password
     patient_name: str | None = None  # as the patient typed it; stored encrypted
     birth_date: date | None = None  # stored encrypted
+    active_at: datetime | None = None  # the last step of the conversation (reminders count from it)
+    reminders_sent: int = 0  # since active_at
+    reminders_paused: bool = False  # the patient asked for no more reminders
+    # Records the coordinator asked for beyond the checklist: item key -> their description.
+    extras: dict[str, str] = field(default_factory=dict)
     items: dict[str, ItemProgress] = field(default_factory=dict)
 
     @property

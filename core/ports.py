@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from core.model import Case, FileRef, Identity
@@ -68,13 +68,28 @@ class Transaction(Protocol):
     async def save_case(self, case: Case) -> None: ...
     async def find_file(self, case_id: str, unique_id: str, sha256: str | None) -> str | None: ...
     async def add_file(
-        self, case: Case, item_key: str, incoming: IncomingFile, stored: StoredFile
+        self,
+        case: Case,
+        item_key: str,
+        incoming: IncomingFile,
+        stored: StoredFile,
+        role: str | None = None,
     ) -> None: ...
     async def take_invite(self, code: str, case_id: str) -> str | None: ...
     async def unlock_file(self, case_id: str, stored: StoredFile, password: str) -> None: ...
     async def erased_before(self, chat_id: int, update_id: int) -> bool: ...
     async def enqueue_deletion(self, chat_id: int, message_id: int) -> None: ...
     async def erase_case(self, case_id: str, up_to_update_id: int | None) -> None: ...
+    async def open_upload(
+        self, case_id: str, item_key: str, chat_id: int, ttl: timedelta
+    ) -> str | None:
+        """A one-time upload session for the item; its token, or None for a foreign case."""
+        ...
+
+    async def enqueue_card(self, chat_id: int, locale: str, card: Reply) -> None:
+        """Queue the newest version of the patient's checklist card (replacing a queued one)."""
+        ...
+
     async def enqueue(
         self,
         chat_id: int,
@@ -90,6 +105,11 @@ class Transaction(Protocol):
 
 class Store(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Transaction]: ...
+
+    async def waiting_cases(self, active_before: datetime, max_sent: int) -> list[int]:
+        """Chats of collecting cases, not paused, idle since before `active_before`, with
+        fewer than `max_sent` reminders: the candidates for a reminder."""
+        ...
 
 
 class FileIngest(Protocol):

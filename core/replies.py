@@ -69,13 +69,24 @@ class Button:
     label: Text | Verbatim
     action: str
     arg: str = ""
+    link: str | None = None  # a web address the button opens instead (no action comes back)
+    mini_app: bool = False  # open `link` inside Telegram as a Mini App
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": _encode(self.label), "action": self.action, "arg": self.arg}
+        data = {"label": _encode(self.label), "action": self.action, "arg": self.arg}
+        if self.link is not None:
+            data |= {"link": self.link, "mini_app": self.mini_app}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Button:
-        return cls(_decode(data["label"]), data["action"], data.get("arg", ""))
+        return cls(
+            _decode(data["label"]),
+            data["action"],
+            data.get("arg", ""),
+            data.get("link"),
+            bool(data.get("mini_app", False)),
+        )
 
 
 @dataclass(frozen=True)

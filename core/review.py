@@ -10,6 +10,9 @@ case view (two digits), which keeps the data inside Telegram's 64 bytes.
     cr:<case>:<n>:<sig>        review item n (its files, and the decision buttons)
     cd:<case>:<n>:<code>:<sig> decide: accept ("ok"), a preset reason, or "tx" (type one)
     ce:<case>:<sig>            export the hand-off bundle
+    ca:<case>:<sig>            ask the patient for another record (the coordinator types it)
+    ct:<case>:<n>:<sig>        item n's translation is ordered (the patient is told)
+    cu:<case>:<n>:<sig>        attach item n's translation (the coordinator sends the file)
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ OPEN_ACTION: Final = "co"
 REVIEW_ACTION: Final = "cr"
 DECIDE_ACTION: Final = "cd"
 EXPORT_ACTION: Final = "ce"
-ACTIONS: Final = frozenset({OPEN_ACTION, REVIEW_ACTION, DECIDE_ACTION, EXPORT_ACTION})
+EXTRA_ACTION: Final = "ca"
+TRANSLATE_ACTION: Final = "ct"
+ATTACH_ACTION: Final = "cu"
+ITEM_ACTIONS: Final = frozenset({REVIEW_ACTION, TRANSLATE_ACTION, ATTACH_ACTION})  # + item n
+ACTIONS: Final = frozenset({OPEN_ACTION, DECIDE_ACTION, EXPORT_ACTION, EXTRA_ACTION, *ITEM_ACTIONS})
+# Translation of an item: ordered by the coordinator, then its file attached.
+ORDERED: Final = "ordered"
+ATTACHED: Final = "attached"
+TRANSLATION_PROMPT: Final = "+tr:"  # prefix of a pending "send the translated file" prompt
+# The pending prompt of a coordinator asked to describe an extra record (no item yet).
+EXTRA_PROMPT: Final = "+extra"
 
 ACCEPT: Final = "ok"
 TYPED: Final = "tx"  # "another reason": the coordinator types it as their next message
@@ -102,7 +115,7 @@ def parse_pressed(data: str) -> tuple[Pressed, str] | None:
     action, case_id, *middle, signature = fields
     if _CASE_ID.fullmatch(case_id) is None or _SIGNATURE.fullmatch(signature) is None:
         return None
-    wanted = {OPEN_ACTION: 0, EXPORT_ACTION: 0, REVIEW_ACTION: 1, DECIDE_ACTION: 2}[action]
+    wanted = 2 if action == DECIDE_ACTION else int(action in ITEM_ACTIONS)
     if len(middle) != wanted:
         return None
     index = code = None

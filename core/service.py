@@ -10,11 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
-from core import engine
+from core import engine, reminders
 from core.alerts import Signer, case_ready_alert
 from core.engine import Context
-from core.events import CaseCompleted, DomainEvent, ErasureRequested, Event, EventKind
+from core.events import (
+    CaseCompleted,
+    DomainEvent,
+    ErasureRequested,
+    Event,
+    EventKind,
+    UploadLinkWanted,
+)
 from core.model import Case, Identity, State
 from core.ports import (
     Erasure,
@@ -26,9 +34,27 @@ from core.ports import (
     StoredFile,
     Transaction,
 )
-from core.replies import Lines, Reply, Text, Verbatim, reply
+from core.reminders import ReminderPolicy
+from core.replies import Button, Lines, Reply, Text, Verbatim, reply
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WebUploads:
+    """The upload page for files too big for the chat (bot.upload), when it is served."""
+
+    base_url: str  # WEB_BASE_URL
+    link_ttl: timedelta
+
+    def link(self, token: str) -> str:
+        return f"{self.base_url}/upload/u/{token}"
+
+    def mini_app(self, case_id: str) -> str | None:
+        """Telegram opens Mini Apps from https addresses only."""
+        if not self.base_url.startswith("https://"):
+            return None
+        return f"{self.base_url}/upload/app?case={case_id}"
 
 
 @dataclass(frozen=True)
@@ -48,6 +74,7 @@ class ConversationService:
         default_locale: str,
         erasure: Erasure,
         delete_uploads: bool = False,
+        web_uploads: WebUploads | None = None,
     ) -> None:
         self._store = store
         self._ingest = ingest
@@ -56,6 +83,7 @@ class ConversationService:
         # so the record does not linger in the Telegram chat.
         self._delete_uploads = delete_uploads
         self._context = context
+        self._web = web_uploads
         self._coordinator = coordinator
         self._default_locale = default_locale
 
@@ -121,6 +149,25 @@ class ConversationService:
             if update_id is not None:
                 await tx.mark_update(update_id, patient.chat_id)
 
+    async def send_reminders(self, policy: ReminderPolicy) -> int:
+        """Queue the reminders due now (each at most once: its dedup key names the case, the
+        reminder's number and the step it follows); returns how many."""
+        ctx = self._context()
+        sent = 0
+        waiting = await self._store.waiting_cases(ctx.now - policy.earliest, len(policy.days))
+        for chat_id in waiting:
+            async with self._store.transaction() as tx:
+                case = await tx.load_case(chat_id)
+                if case is None or not reminders.due(case, policy, ctx.now):
+                    continue
+                assert case.active_at is not None
+                case.reminders_sent += 1
+                key = f"reminder:{case.id}:{case.reminders_sent}:{case.active_at.isoformat()}"
+                await tx.enqueue(case.chat_id, case.locale, reminders.reminder(case, ctx), key)
+                await tx.save_case(case)
+                sent += 1
+        return sent
+
     async def erase_expired(self, retention_days: int) -> int:
         """Erase complete cases closed more than `retention_days` ago, as /delete would."""
         ctx = self._context()
@@ -138,9 +185,18 @@ class ConversationService:
         return erased
 
     async def handle_file(
-        self, patient: Patient, incoming: IncomingFile, source: FileSource, update_id: int | None
+        self,
+        patient: Patient,
+        incoming: IncomingFile,
+        source: FileSource,
+        update_id: int | None,
+        item_key: str | None = None,
     ) -> None:
         """Store and check a file for the current item, then let the engine judge it.
+
+        `item_key` binds the file to an item (a web upload opened for that item): if the item
+        is still open it becomes the current one first. Without an update id (a web upload),
+        the same `unique_id` twice is answered as a duplicate, so a retry changes nothing.
 
         The file is streamed into the vault before the transaction that records it, so the
         row never points at a blob that is not durable; a crash in between leaves only a blob
@@ -151,6 +207,7 @@ class ConversationService:
             if await self._already_handled(tx, patient, update_id):
                 return
             case = await self._case(tx, patient, ctx)
+            engine.focus(case, item_key)
             target = engine.upload_target(case, ctx)
             duplicate = target is not None and (
                 await tx.find_file(case.id, incoming.unique_id, None) is not None
@@ -167,6 +224,7 @@ class ConversationService:
             if await self._already_handled(tx, patient, update_id):
                 return
             case = await self._case(tx, patient, ctx)
+            engine.focus(case, item_key)
             same_content = await tx.find_file(case.id, incoming.unique_id, stored.sha256)
             if case.current_item != item_key or same_content is not None:
                 await self._apply(tx, case, Event(EventKind.FILE, duplicate=True), ctx)
@@ -219,6 +277,7 @@ class ConversationService:
             case = await self._case(tx, patient, ctx)
             replies: list[Reply] = []
             events: list[DomainEvent] = []
+            before = engine.card_state(case)
             for incoming, file in stored:
                 target = engine.upload_target(case, ctx)
                 duplicate = file is None and wanted
@@ -236,6 +295,7 @@ class ConversationService:
                 events += outcome.events
             await tx.save_case(case)
             await tx.enqueue(case.chat_id, case.locale, merge_album_replies(replies))
+            await queue_card(tx, case, ctx, before)
             for domain_event in events:
                 await self._notify(tx, case, domain_event, ctx)
             for _, update_id in fresh:
@@ -243,6 +303,24 @@ class ConversationService:
                     await tx.mark_update(update_id, patient.chat_id)
             for file in discard:  # before the commit, as in handle_file
                 await self._ingest.discard(file)
+
+    async def _offer_upload_page(
+        self, tx: Transaction, case: Case, event: UploadLinkWanted, web: WebUploads
+    ) -> None:
+        """The one-time link to the upload page for the item, sealed in the outbox (the
+        link opens the upload: it must not sit in the database in clear)."""
+        token = await tx.open_upload(case.id, event.item_key, case.chat_id, web.link_ttl)
+        if token is None:
+            return
+        buttons = [(Button(Text("button.open_upload_page"), "", link=web.link(token)),)]
+        mini_app = web.mini_app(case.id)
+        if mini_app is not None:
+            label = Text("button.open_upload_in_telegram")
+            buttons.append((Button(label, "", link=mini_app, mini_app=True),))
+        hours = int(web.link_ttl.total_seconds() // 3600)
+        why = Text("upload.too_big") if event.too_big else Text("upload.large_files")
+        message = reply(why, Text("upload.how", {"hours": hours}), buttons=tuple(buttons))
+        await tx.enqueue(case.chat_id, case.locale, message, sealed=True)
 
     async def _forget_upload(
         self, tx: Transaction, patient: Patient, incoming: IncomingFile
@@ -268,8 +346,10 @@ class ConversationService:
     ) -> list[str]:
         """Apply the event; returns the ids of cases it crypto-erased (finished after commit)."""
         erased: list[str] = []
+        before = engine.card_state(case)
         outcome = engine.handle(case, event, ctx)
         await tx.save_case(case)
+        await queue_card(tx, case, ctx, before)
         for message in merge_replies(outcome.replies):
             await tx.enqueue(case.chat_id, case.locale, message)
         for domain_event in outcome.events:
@@ -281,6 +361,8 @@ class ConversationService:
 
     async def _notify(self, tx: Transaction, case: Case, event: DomainEvent, ctx: Context) -> None:
         log.info("event %s case=%s", type(event).__name__, case.id)
+        if isinstance(event, UploadLinkWanted) and self._web is not None:
+            await self._offer_upload_page(tx, case, event, self._web)
         if isinstance(event, ErasureRequested) and self._coordinator.chat_id is not None:
             await tx.enqueue(
                 self._coordinator.chat_id,
@@ -296,6 +378,15 @@ class ConversationService:
                 dedup_key=f"case-complete:{case.id}:{event.completion}",
                 sealed=True,  # it names the patient
             )
+
+
+async def queue_card(tx: Transaction, case: Case, ctx: Context, before: tuple[object, ...]) -> None:
+    """Edit the patient's checklist card when what it shows changed (queued after the
+    replies of the step; the outbox keeps only the newest version of a card)."""
+    if engine.shows_card(case) and engine.card_state(case) != before:
+        await tx.enqueue_card(
+            case.chat_id, case.locale, engine.status_reply(case, ctx, "card.header")
+        )
 
 
 def merge_replies(replies: list[Reply]) -> list[Reply]:

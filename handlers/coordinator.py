@@ -24,14 +24,20 @@ from aiogram.filters import Command, CommandObject, Filter
 from aiogram.types import CallbackQuery, Chat, Message, User
 
 from core.coordination import CoordinatorDesk, UnknownFilter, Viewer, parse_filter
+from core.ports import FileSource
 from core.review import (
     ACTIONS,
+    ATTACH_ACTION,
     DECIDE_ACTION,
     EXPORT_ACTION,
+    EXTRA_ACTION,
     OPEN_ACTION,
     REVIEW_ACTION,
+    TRANSLATE_ACTION,
+    TRANSLATION_PROMPT,
     parse_pressed,
 )
+from handlers.patient import incoming_file
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +75,23 @@ def is_coordinator_button(query: CallbackQuery) -> bool:
 
 
 class AwaitsReason(Filter):
-    """Passes a coordinator's message when they were asked to type a send-back reason."""
+    """Passes a coordinator's text when they were asked to type a reason or a description."""
 
     async def __call__(
         self, message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk
     ) -> bool:
-        return await coordinator_desk.pending_prompt(viewer) is not None
+        pending = await coordinator_desk.pending_prompt(viewer)
+        return pending is not None and not pending[1].startswith(TRANSLATION_PROMPT)
+
+
+class AwaitsTranslation(Filter):
+    """Passes a coordinator's file when they were asked to send an item's translation."""
+
+    async def __call__(
+        self, message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk
+    ) -> bool:
+        pending = await coordinator_desk.pending_prompt(viewer)
+        return pending is not None and pending[1].startswith(TRANSLATION_PROMPT)
 
 
 def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | None) -> Router:
@@ -111,6 +128,20 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
             return
         await coordinator_desk.case_view(case_id[:64], viewer=viewer, update_id=update_id)
 
+    @router.message(F.document, is_coordinator, AwaitsTranslation())
+    async def translation(
+        message: Message,
+        viewer: Viewer,
+        coordinator_desk: CoordinatorDesk,
+        file_source: FileSource,
+        update_id: int,
+    ) -> None:
+        incoming = incoming_file(message)
+        if incoming is not None:
+            await coordinator_desk.translation_file(
+                incoming, file_source, viewer=viewer, update_id=update_id
+            )
+
     @router.message(F.text, ~F.text.startswith("/"), is_coordinator, AwaitsReason())
     async def reason(
         message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk, update_id: int
@@ -143,6 +174,16 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
             )
         elif button.action == REVIEW_ACTION and button.index is not None:
             await coordinator_desk.review_item(
+                button.case_id, button.index, viewer=viewer, update_id=update_id
+            )
+        elif button.action == EXTRA_ACTION:
+            await coordinator_desk.request_extra(button.case_id, viewer=viewer, update_id=update_id)
+        elif button.action == TRANSLATE_ACTION and button.index is not None:
+            await coordinator_desk.order_translation(
+                button.case_id, button.index, viewer=viewer, update_id=update_id
+            )
+        elif button.action == ATTACH_ACTION and button.index is not None:
+            await coordinator_desk.attach_translation(
                 button.case_id, button.index, viewer=viewer, update_id=update_id
             )
         elif button.action == EXPORT_ACTION:

@@ -23,6 +23,7 @@ from core.service import ConversationService
 log = logging.getLogger(__name__)
 
 DOWNLOAD_CHUNK = 64 * 1024
+CLOUD_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile on the cloud Bot API: 20 MB at most
 # What the bot handles; getUpdates and setWebhook ask Telegram for nothing else.
 ALLOWED_UPDATES = ("message", "callback_query")
 
@@ -80,6 +81,11 @@ class TelegramFileSource:
     def __init__(self, bot: Bot, local_path_map: tuple[str, str] | None = None) -> None:
         self._bot = bot
         self._map = local_path_map
+
+    def too_big(self, incoming: IncomingFile) -> bool:
+        """Over what the cloud Bot API lets a bot download (a local server has no limit)."""
+        local = self._bot.session.api.is_local
+        return not local and incoming.size is not None and incoming.size > CLOUD_DOWNLOAD_LIMIT
 
     async def chunks(self, incoming: IncomingFile) -> AsyncIterator[bytes]:
         file = await self._bot.get_file(incoming.source_ref)
@@ -141,10 +147,19 @@ def build_router() -> Router:
                 for update in album_updates
                 if update.message and (found := incoming_file(update.message))
             ]
-            await service.handle_album(_patient(message), files, file_source)
+            for big, big_update in [f for f in files if file_source.too_big(f[0])]:
+                event = Event(EventKind.LARGE_FILE, str(big.size))
+                await service.handle(_patient(message), event, big_update)
+            files = [f for f in files if not file_source.too_big(f[0])]
+            if files:
+                await service.handle_album(_patient(message), files, file_source)
             return
         incoming = incoming_file(message)
         assert incoming is not None
+        if file_source.too_big(incoming):  # the upload page takes it instead
+            event = Event(EventKind.LARGE_FILE, str(incoming.size))
+            await service.handle(_patient(message), event, update_id)
+            return
         await service.handle_file(_patient(message), incoming, file_source, update_id)
 
     @router.message(F.text)

@@ -116,6 +116,8 @@ def _date_from_text(value: str) -> date | None:
 class RenderedButton:
     label: str
     data: str  # callback data: "<action>:<arg>"
+    url: str | None = None  # a link button instead
+    mini_app: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ class Translator:
         return str(value)
 
     def button(self, locale: str, button: Button) -> RenderedButton:
-        return RenderedButton(self.text(locale, button.label), f"{button.action}:{button.arg}")
+        label = self.text(locale, button.label)
+        return RenderedButton(label, f"{button.action}:{button.arg}", button.link, button.mini_app)
 
     def render(self, locale: str, reply: Reply) -> Rendered:
         paragraphs = [self.text(locale, part) for part in reply.parts]

@@ -23,7 +23,9 @@ class BotProcess:
         workdir: Path,
         coordinator_chat_id: int | None = None,
         extra_env: dict[str, str] | None = None,
+        mode: str = "run",
     ) -> None:
+        self.mode = mode  # the command: "run" (long polling) or "webhook"
         self.workdir = workdir
         self.data_dir = workdir / "data"
         self.log_path = workdir / "bot.log"
@@ -44,7 +46,7 @@ class BotProcess:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot", "run"],
+            [sys.executable, "-m", "bot", self.mode],
             cwd=self.workdir,  # so no developer's .env is picked up
             env=self.env,
             stdout=log,

@@ -10,6 +10,11 @@ Tests play users through the test-side API (``user``, ``send_text``, ``send_docu
 ``press`` ...) and inspect what the bot did (``sent``, ``events``, ``calls``, ``wait_for``).
 Faults (429, 5xx, dropped connections, slow or stalled downloads, oversized files) are
 injected through ``emu.faults``.
+
+Once the bot calls ``setWebhook``, updates are POSTed to its URL instead (with the
+``X-Telegram-Bot-Api-Secret-Token`` header, retried until a 2xx, see ``_deliver_webhooks``)
+and ``getUpdates`` fails with 409 Conflict, as on Telegram; ``webhook_deliveries`` logs every
+attempt. Unlike Telegram, a plain ``http://`` URL on any port is accepted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 DEFAULT_TOKEN = "123456789:AAEmulatorTokenForCareCompanionTests0"
@@ -39,6 +45,7 @@ CLOUD_DOWNLOAD_LIMIT = 20 * 1024 * 1024
 CLOUD_UPLOAD_LIMIT = 50 * 1024 * 1024
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
+WEBHOOK_RETRY_MAX_S = 2.0
 DEFAULT_EXCLUDED_UPDATES = {"chat_member", "message_reaction", "message_reaction_count"}
 HTML_TAGS = {
     "b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "span", "tg-spoiler",
@@ -233,6 +240,18 @@ def _json(value: Any) -> Any:
     return value
 
 
+def _lane(update: dict[str, Any]) -> int:
+    """The chat an update belongs to (webhook deliveries keep each chat's order)."""
+    for value in update.values():
+        if isinstance(value, dict):
+            chat = value.get("chat") or (value.get("message") or {}).get("chat")
+            if chat:
+                return int(chat["id"])
+            if "from" in value:
+                return int(value["from"]["id"])
+    return -int(update["update_id"])
+
+
 def _bool(value: Any) -> bool:
     return value is True or str(value).lower() in {"true", "1"}
 
@@ -351,6 +370,14 @@ class BotApiEmulator:
         self.callback_answers: dict[str, dict[str, Any]] = {}
         self.pinned: dict[int, int] = {}
         self.webhook_url = ""
+        self.webhook_secret: str | None = None
+        self.webhook_max_connections = 40
+        # First pause after a failed delivery, doubling up to WEBHOOK_RETRY_MAX_S (Telegram
+        # waits seconds to minutes; tests want a restarted bot served at once).
+        self.webhook_retry_s = 0.2
+        self.webhook_deliveries: list[dict[str, Any]] = []
+        self._webhook_error: tuple[int, str] | None = None
+        self._webhook_task: asyncio.Task[None] | None = None
         self.confirmed_update_id = 0
         self.users: dict[int, SimUser] = {}
         self.blocked: set[int] = set()
@@ -406,12 +433,16 @@ class BotApiEmulator:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         await web.SockSite(self._runner, sock).start()
+        self._webhook_task = asyncio.create_task(self._deliver_webhooks())
         return self
 
     async def stop(self) -> None:
         """Wake every long poll / stalled download, stop the server, delete stored files."""
         self._stopping.set()
         self._wake_pollers()
+        if self._webhook_task is not None:
+            await self._webhook_task
+            self._webhook_task = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -682,6 +713,83 @@ class BotApiEmulator:
                 raise TimeoutError(f"bot did not call {method} within {timeout}s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._calls_changed.wait(), remaining)
+
+    async def wait_delivered(self, update_id: int, timeout: float = 10.0) -> dict[str, Any]:
+        """The webhook delivery of ``update_id`` the bot answered with a 2xx; raises
+        ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for attempt in self.webhook_deliveries:
+                if attempt["update_id"] == update_id and 200 <= (attempt["status"] or 0) < 300:
+                    return attempt
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"update {update_id} not delivered by webhook within {timeout}s")
+
+    # ------------------------------------------------------------------ internals: webhook
+
+    async def _deliver_webhooks(self) -> None:
+        """Telegram's side of a webhook, running from start to stop (idle while none is set).
+
+        Like the Bot API server, it keeps one update in flight per chat (the next update of a
+        chat waits for the answer to the previous one) and chats in parallel, up to
+        ``max_connections``; an update leaves the queue only when the bot answers 2xx.
+        """
+        lanes: dict[int, asyncio.Task[None]] = {}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            while not self._stopping.is_set():
+                changed = self._updates_changed
+                if self.webhook_url:
+                    heads: set[int] = set()  # chats whose oldest pending update was seen
+                    for update in self._updates:
+                        lane = _lane(update)
+                        if lane in heads or not self._allowed(update):
+                            continue
+                        heads.add(lane)
+                        if lane not in lanes and len(lanes) < self.webhook_max_connections:
+                            task = asyncio.create_task(self._post_until_taken(http, update))
+                            task.add_done_callback(lambda _, lane=lane: lanes.pop(lane, None))
+                            lanes[lane] = task
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+            for task in list(lanes.values()):
+                task.cancel()
+            await asyncio.gather(*lanes.values(), return_exceptions=True)
+
+    async def _post_until_taken(self, http: aiohttp.ClientSession, update: dict[str, Any]) -> None:
+        """POST ``update`` until the bot answers 2xx (or the webhook is removed); after any
+        other answer, or none, wait (``Retry-After`` when the bot gives one) and again."""
+        failures = 0
+        while self.webhook_url and update in self._updates and not self._stopping.is_set():
+            secret = self.webhook_secret
+            headers = {"X-Telegram-Bot-Api-Secret-Token": secret} if secret else {}
+            attempt: dict[str, Any] = {
+                "update_id": update["update_id"],
+                "time": time.monotonic(),
+                "status": None,
+                "error": None,
+            }
+            self.webhook_deliveries.append(attempt)
+            retry_after = 0.0
+            try:
+                async with http.post(self.webhook_url, json=update, headers=headers) as response:
+                    await response.read()
+                    attempt["status"] = response.status
+                    with contextlib.suppress(ValueError):
+                        retry_after = float(response.headers.get("Retry-After", 0))
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                attempt["error"] = type(exc).__name__
+            if attempt["status"] is not None and 200 <= attempt["status"] < 300:
+                if update in self._updates:
+                    self._updates.remove(update)
+                self.confirmed_update_id = max(self.confirmed_update_id, update["update_id"])
+                self._wake_pollers()  # the chat's next update may go now
+                return
+            message = f"Wrong response from the webhook: {attempt['status']}"
+            self._webhook_error = (int(time.time()), attempt["error"] or message)
+            failures += 1
+            await asyncio.sleep(
+                retry_after or min(self.webhook_retry_s * 2 ** (failures - 1), WEBHOOK_RETRY_MAX_S)
+            )
 
     # ------------------------------------------------------------------ internals: storage
 
@@ -1157,24 +1265,47 @@ class BotApiEmulator:
         return self.commands.get((scope, p.get("language_code") or ""), [])
 
     async def _m_deletewebhook(self, p: dict[str, Any]) -> bool:
-        self.webhook_url = ""
+        self.webhook_url, self.webhook_secret = "", None
         if _bool(p.get("drop_pending_updates")):
             self._updates.clear()
         return True
 
     async def _m_setwebhook(self, p: dict[str, Any]) -> bool:
-        self.webhook_url = str(p.get("url") or "")
+        url = str(p.get("url") or "")
+        if url and not re.match(r"^https?://[^\s/]+", url):
+            raise ApiError(
+                400, "Bad Request: bad webhook: An HTTPS URL must be provided for webhook"
+            )
+        secret = p.get("secret_token") or None
+        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", str(secret)):
+            raise ApiError(400, "Bad Request: secret token contains unallowed characters")
+        allowed = _json(p.get("allowed_updates"))
+        if allowed is not None:
+            self._allowed_updates = allowed or None
+        max_connections = _int(p.get("max_connections")) or 40
+        if not 1 <= max_connections <= 100:
+            raise ApiError(400, "Bad Request: invalid max_connections specified")
+        self.webhook_url, self.webhook_secret = url, secret
+        self.webhook_max_connections = max_connections
+        self._webhook_error = None
         if _bool(p.get("drop_pending_updates")):
             self._updates.clear()
-        self._wake_pollers()
+        self._wake_pollers()  # a long poll in progress ends with 409; deliveries start
         return True
 
     async def _m_getwebhookinfo(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {
+        info: dict[str, Any] = {
             "url": self.webhook_url,
             "has_custom_certificate": False,
             "pending_update_count": len(self._updates),
         }
+        if self.webhook_url:
+            info["max_connections"] = self.webhook_max_connections
+            if self._allowed_updates is not None:
+                info["allowed_updates"] = self._allowed_updates
+        if self._webhook_error is not None:
+            info["last_error_date"], info["last_error_message"] = self._webhook_error
+        return info
 
     async def _m_close(self, p: dict[str, Any]) -> bool:
         return True

@@ -64,7 +64,15 @@ def test_the_alert_carries_signed_open_and_export_buttons() -> None:
     message = case_ready_alert(case, ctx(), lambda unsigned: "0" * 16)
     datas = [f"{b.action}:{b.arg}" for row in message.buttons for b in row]
     parsed = [parse_pressed(data) for data in datas]
-    assert [p[0].action for p in parsed if p] == ["co", "ce"]
+    assert [p[0].action for p in parsed if p] == ["co", "ce"]  # nothing to review yet
+    case.progress("referral").files = [FileRef("f1", "pdf", "accepted")]
+    message = case_ready_alert(case, ctx(), lambda unsigned: "0" * 16)
+    parsed = [parse_pressed(f"{b.action}:{b.arg}") for row in message.buttons for b in row]
+    assert [(p[0].action, p[0].index) for p in parsed if p] == [
+        ("co", None),
+        ("cr", 0),
+        ("ce", None),
+    ]
     assert any(isinstance(p, Text) and p.key == "alert.no_flags" for p in message.parts)
     unsigned = case_ready_alert(case, ctx(), None)
     assert unsigned.buttons == ()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pyzipper
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.base import BaseSession
 from aiogram.exceptions import TelegramNetworkError
@@ -40,7 +41,7 @@ from core.replies import Reply
 from core.review import CALLBACK_DATA_MAX, parse_pressed
 from handlers import coordinator, patient
 from tests.files import pdf_bytes
-from tests.scenario import IDENTITY_STEPS, apply_steps, walk_to_complete
+from tests.scenario import IDENTITY_STEPS, apply_steps, default_steps, walk_to_complete
 from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # in COORDINATOR_IDS
@@ -219,6 +220,7 @@ async def world(database_url: str, tmp_path: Path) -> AsyncIterator[World]:
         checklists=app.checklists,
         locale=settings.coordinator_locale,
         context=app.context,
+        ingest=app.ingest,
     )
     session = RecordingSession()
     bot = Bot(TOKEN, session=session)
@@ -495,6 +497,9 @@ async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
     mark = await _last_outbox_id(world)
     await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cr:{case_id}:00")))
     card, *previews = await _outbox_after(world, mark)
+    # file by file: the referral PDF, its page count (the checks' findings would follow)
+    assert "coordinator.file_line" in _text(world, card)
+    assert "coordinator.file_pages" in _text(world, card)
     # the referral PDF's first page, made at send time: the row holds ids, never pixels
     assert [json.loads(_text(world, p))["media"]["kind"] for p in previews] == ["pdf"]
     assert all(p.chat_id == COORDINATOR for p in previews)
@@ -566,3 +571,109 @@ async def test_accepting_an_item_is_recorded_and_audited(world: World) -> None:
     [row] = await _outbox_after(world, mark)
     assert "coordinator.cannot_review" in _text(world, row)
     assert (await _case_row(world, case_id))[1]["reports"] == ("skipped", None)
+
+
+async def test_an_extra_record_joins_the_checklist_and_completes_again(
+    world: World, tmp_path: Path
+) -> None:
+    """ "Ask for another record": the typed description is asked of the patient, joins the
+    checklist (and the case view, under the coordinator's words), and once sent the case
+    completes again with one more alert."""
+    case_id = world.done_case
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"ca:{case_id}")))
+    assert await world.desk.pending_prompt(Viewer(COORDINATOR, COORDINATOR)) is not None
+    mark = await _last_outbox_id(world)
+    description = "Blood test from the last three months"
+    await world.feed(world.typed(COORDINATOR, COORDINATOR, description))
+    rows = await _outbox_after(world, mark)
+    to_patient = next(r for r in rows if r.chat_id == DONE_PATIENT)
+    assert "extra.requested" in _text(world, to_patient) and description in _text(world, to_patient)
+    state, items = await _case_row(world, case_id)
+    assert state == "collecting" and items["extra_1"] == ("pending", None)
+    assert [e.action for e in await audit.entries(world.app.store)] == ["item.request_extra"]
+
+    patient = Patient(DONE_PATIENT, DONE_PATIENT, "en")
+    lab = tmp_path / "blood.pdf"
+    lab.write_bytes(pdf_bytes(["Full blood count", "Haemoglobin 13.5 g/dL"]))
+    await apply_steps(world.app, patient, [lab, Event(EventKind.DONE, "extra_1")], 78_000)
+    state, items = await _case_row(world, case_id)
+    assert state == "complete" and items["extra_1"] == ("done", None)
+    assert len(await _alerts(world, case_id)) == 2
+    mark = await _last_outbox_id(world)
+    await world.feed(world.message(COORDINATOR, COORDINATOR, f"/case {case_id}"))
+    [view] = await _outbox_after(world, mark)
+    assert description in _text(world, view)
+    assert "coordinator.file_line" in _text(world, view)  # each item's files, in detail
+    assert "finding.study_summary" in _text(world, view)  # the CT slice: modality and date
+    async with world.app.store.session() as session:  # the description is kept encrypted
+        row = await session.get(CaseRow, case_id)
+        assert row is not None and row.extras_enc and description not in row.extras_enc
+
+
+SPANISH_REFERRAL = [
+    "Informe de derivación",
+    "El paciente presenta dolor en la rodilla derecha desde hace dos años y no mejora con "
+    "la fisioterapia. Se considera la cirugía de reemplazo de la articulación para el paciente.",
+]
+
+
+async def test_a_translation_is_ordered_told_attached_and_bundled(
+    world: World, tmp_path: Path
+) -> None:
+    """A Spanish referral for an English-speaking hospital: flagged, the translation marked
+    ordered (the patient is told, nothing is asked of them), the translated file attached
+    beside the original and both in the bundle."""
+    from adapters.export import build_bundle
+    from bot.shell import LocalFileSource, local_incoming
+
+    patient = Patient(4646, 4646, "en")
+    steps = default_steps(tmp_path, "es")
+    referral = tmp_path / "referral-es.pdf"
+    referral.write_bytes(pdf_bytes(SPANISH_REFERRAL))
+    steps[steps.index(tmp_path / "referrales.pdf")] = referral
+    await apply_steps(world.app, patient, steps, 79_000)
+    case_id = await _case_id(world.app, 4646)
+    mark = await _last_outbox_id(world)
+    await world.feed(world.message(COORDINATOR, COORDINATOR, f"/case {case_id}"))
+    [view] = await _outbox_after(world, mark)
+    assert "coordinator.flag.needs_translation" in _text(world, view)
+    datas = {f"{b.action}:{b.arg}" for row in _reply(world, view).buttons for b in row}
+    assert world.signed(f"ct:{case_id}:00") in datas
+
+    mark = await _last_outbox_id(world)
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"ct:{case_id}:00")))
+    rows = await _outbox_after(world, mark)
+    to_patient = [r for r in rows if r.chat_id == 4646]
+    assert len(to_patient) == 1 and "translation.ordered" in _text(world, to_patient[0])
+    assert (await _case_row(world, case_id))[1]["referral"][0] == "done"
+
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cu:{case_id}:00")))
+    translated = tmp_path / "referral-en.pdf"
+    translated.write_bytes(pdf_bytes(["Referral letter (translation)", "Knee pain for two years."]))
+    viewer = Viewer(COORDINATOR, COORDINATOR)
+    await world.desk.translation_file(
+        local_incoming(translated), LocalFileSource(), viewer=viewer, update_id=79_500
+    )
+    async with world.app.store.session() as session:
+        files = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+        item = await session.get(ItemRow, (case_id, "referral"))
+    assert [f.role for f in files].count("translation") == 1
+    assert item is not None and item.translation == "attached"
+    assert [e.action for e in await audit.entries(world.app.store)][-2:] == [
+        "item.translation",
+        "item.translated",
+    ]
+    bundle = await build_bundle(
+        world.app.store,
+        world.app.vault,
+        world.app.checklists,
+        case_id,
+        tmp_path / "out",
+        render=lambda key, params: key,
+        actor="operator",
+    )
+    with pyzipper.AESZipFile(bundle.path) as archive:
+        archive.setpassword(bundle.password.encode())
+        contents = [archive.read(name) for name in archive.namelist()]
+    assert translated.read_bytes() in contents and referral.read_bytes() in contents
+    assert "export.manifest.is_translation" in [e.translation for e in bundle.entries]

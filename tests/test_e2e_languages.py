@@ -5,7 +5,7 @@ that patient must be in the patient's language: no English beyond names and form
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,6 @@ COMMAND = re.compile(r"/[a-z_]+")
 LATIN_WORD = re.compile(r"[A-Za-z]{2,}")
 PICKER = {language_name(code) for code in ("en", "zh", "th", "ru", "ar", "es", "vi", "id")}
 SCRIPT = {"th": re.compile(r"[\u0e00-\u0e7f]"), "ar": re.compile(r"[\u0600-\u06ff]")}
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[BotApiEmulator]:
-    async with BotApiEmulator() as emu:
-        yield emu
-        assert emu.internal_errors == []
 
 
 @pytest.fixture

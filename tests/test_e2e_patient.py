@@ -73,6 +73,10 @@ async def test_patient_completes_the_default_checklist(
     patient.say("/status")
     status = await patient.expect("Your records so far")
     assert "Passport or ID: received" in status["text"]
+    # The checklist card: one message, pinned, edited as the case went on; /status says the same.
+    cards = [m for m in emulator.sent(5001) if "Your checklist" in (m.get("text") or "")]
+    assert len(cards) == 1 and cards[0]["pinned"] and len(cards[0]["history"]) >= 5
+    assert cards[0]["text"].split("\n", 1)[1] == status["text"].split("\n", 1)[1]
 
     cases = bot.cli_json("cases", "list")
     assert len(cases) == 1

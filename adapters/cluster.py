@@ -1,0 +1,296 @@
+"""Several instances side by side: who works on which chat, how fast the bot may send, and
+which instance runs the periodic jobs. With REDIS_URL (and PostgreSQL) any number of
+instances share the work; without it the bot is one process and `SOLO` makes all of this a
+no-op (no I/O, no task, no wait).
+
+- Leases. An instance drains a chat's inbox lane (`inbox:<chat>`) or outbox lane
+  (`outbox:<chat>`) only while it holds that chat's lease: a Redis key set with NX and a TTL
+  (LEASE_TTL_S), renewed while the work goes on, released with a compare-and-delete. So a
+  chat's updates are handled one at a time and in order, and its messages sent in order,
+  whichever instance received them. An instance killed mid-update stops renewing: its
+  leases expire and another instance's periodic scan of the inbox and outbox takes over
+  (the update was never marked done, so it is handled again from the start).
+- Rate limits. `SharedRateLimiter` keeps Telegram's limits for the whole cluster: one Lua
+  script per send reserves the next global slot (GLOBAL_PER_SECOND, evenly paced) and checks
+  the chat's sliding window, with Redis's clock, so two instances together send no faster
+  than one would.
+- Jobs. `turn(job, every_s)` lets one instance at a time run a periodic job (reminders,
+  retention) and keeps the others from running it again within the period.
+
+Why Redis leases rather than PostgreSQL locks: a session advisory lock or a row held with
+SELECT ... FOR UPDATE SKIP LOCKED ties up one database connection (and, for the row lock, an
+open transaction) for as long as the chat is being worked on, which includes downloading
+and checking files for minutes; a few hundred busy chats would need a few hundred
+connections, and a long transaction holds back vacuum. A lease is one small key, freed by
+its TTL when its holder dies, and the rate limiter needs Redis anyway. What a lease cannot
+give (a holder frozen longer than the TTL while another takes over) the database still
+covers: an update is marked done in the transaction that applies it, and PostgreSQL locks
+the case row, so a replay changes nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+LEASE_TTL_S = 10.0  # how long a dead instance's chats wait before another takes them
+LEASE_POLL_S = 0.05  # how often a waiting lease is tried again
+REDIS_TIMEOUT_S = 5.0  # a Redis call slower than this counts as Redis being down
+# A send woken more than this after its slot takes a new one: with slots every 1/20 s, no
+# second then holds more than 20 x (1 + LATE_S) sends, under Telegram's 30 (we promise 25).
+LATE_S, LATE_TRIES = 0.2, 3
+REDIS_CONNECTIONS = 64  # per instance; a busy instance waits for a free one, never fails
+
+# Renew only a lease still ours (another instance may hold it once ours expired).
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+# One send: KEYS[1] the chat's recent sends (a sorted set of send times), KEYS[2] the next
+# free global slot. ARGV: the chat's window (ms), its limit, the global interval (ms), a
+# unique member. Returns {wait_ms, reserved}: reserved = 1 means "send in wait_ms", the
+# slot is taken; 0 means the chat's window is full, try again in wait_ms (no slot taken, so
+# a chat waiting for its own window never holds up the others). Times come from Redis's
+# clock, in milliseconds (exact in a Lua number), so instances need no synchronised clocks.
+_RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window, limit, interval = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local slot = math.max(now, tonumber(redis.call('GET', KEYS[2]) or '0'))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local recent = redis.call('ZRANGEBYSCORE', KEYS[1], slot - window + 1, '+inf', 'WITHSCORES')
+local count = #recent / 2
+if count >= limit then
+  return {tonumber(recent[2 * (count - limit + 1)]) + window - now, 0}
+end
+redis.call('SET', KEYS[2], slot + interval, 'PX', slot + interval - now + 1000)
+redis.call('ZADD', KEYS[1], slot, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], slot - now + window)
+return {slot - now, 1}
+"""
+
+
+class ClusterUnavailable(ConnectionError):
+    """Redis did not answer: the caller treats it as an outage and tries again later."""
+
+
+@dataclass
+class Lease:
+    """A lease this process holds. `lost` turns True when it could not be renewed: the work
+    in hand finishes, nothing new is started under it."""
+
+    lost: bool = False
+
+
+_HELD = Lease()  # what one instance always holds
+
+
+class Solo:
+    """One instance: every lease is granted at once and every job runs; no I/O at all."""
+
+    shared = False
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, *, wait: float = 0.0, keep_for_s: float | None = None
+    ) -> AsyncIterator[Lease | None]:
+        yield _HELD
+
+    @contextlib.asynccontextmanager
+    async def turn(self, job: str, every_s: float) -> AsyncIterator[bool]:
+        yield True
+
+    async def close(self) -> None:
+        return None
+
+
+SOLO = Solo()
+
+
+class RedisCluster(Solo):
+    """Leases and job turns in Redis, under `namespace` (one per bot: `cc:<bot id>`)."""
+
+    shared = True
+
+    def __init__(self, redis: Redis, namespace: str, lease_ttl_s: float = LEASE_TTL_S) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self._ttl_ms = int(lease_ttl_s * 1000)
+        # A lease's value names its holder, so an operator (or a test) can see who has what.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str) -> RedisCluster:
+        return cls(connect(url), namespace)
+
+    def key(self, *parts: object) -> str:
+        return ":".join([self.namespace, *map(str, parts)])
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, *, wait: float = 0.0, keep_for_s: float | None = None
+    ) -> AsyncIterator[Lease | None]:
+        """Hold `name` for the body, or yield None when another instance holds it (after
+        trying for up to `wait` seconds) or Redis is down. On exit the lease is released, or
+        with `keep_for_s` kept that long (so nobody takes it again at once)."""
+        key, token = self.key("lease", name), f"{self.instance}:{secrets.token_hex(6)}"
+        if not await self._acquire(key, token, wait):
+            yield None
+            return
+        lease, done = Lease(), asyncio.Event()
+        # Stopped by an event, never cancelled: see `command`.
+        renewer = asyncio.create_task(self._keep(name, key, token, lease, done))
+        try:
+            yield lease
+        finally:
+            done.set()
+            await renewer
+            # If Redis does not answer, the TTL frees the lease anyway.
+            with contextlib.suppress(RedisError, OSError):
+                if keep_for_s is None:
+                    await command(self._release(keys=[key], args=[token]))
+                else:
+                    await command(self._renew(keys=[key], args=[token, int(keep_for_s * 1000)]))
+
+    @contextlib.asynccontextmanager
+    async def turn(self, job: str, every_s: float) -> AsyncIterator[bool]:
+        """Whether this instance runs `job` now: never two runs at once in the cluster, and
+        none within 0.9 x `every_s` after the last one ended (not the full period, so the
+        instance that ran it last, trying again one period later, finds it free)."""
+        async with self.lease(f"job:{job}", keep_for_s=0.9 * every_s) as lease:
+            yield lease is not None
+
+    async def _acquire(self, key: str, token: str, wait: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            try:
+                if await command(self.redis.set(key, token, nx=True, px=self._ttl_ms)):
+                    return True
+            except (RedisError, OSError) as exc:
+                log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
+                return False
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(LEASE_POLL_S)
+
+    async def _keep(
+        self, name: str, key: str, token: str, lease: Lease, done: asyncio.Event
+    ) -> None:
+        """Renew the lease every third of its TTL until `done`; mark it lost when Redis says
+        it is no longer ours or does not answer in time."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self._ttl_ms / 3000)
+            if done.is_set():
+                return
+            try:
+                renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
+            except (RedisError, OSError):
+                renewed = 0
+            if not renewed:
+                lease.lost = True
+                log.warning("lease lost lease=%s", name)
+                return
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class RateLimiter(Protocol):
+    async def wait_turn(self, chat_id: int) -> None:
+        """Sleep until a message to this chat fits every limit, then take its slot."""
+
+
+class SharedRateLimiter:
+    """Telegram's limits for the whole cluster (the same numbers as the one-process limiter
+    in adapters.telegram): a chat's sliding window, a group's, and an even global pace."""
+
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        chat: tuple[float, int],
+        group: tuple[float, int],
+        per_second: int,
+    ) -> None:
+        self._cluster = cluster
+        self._chat = (int(chat[0] * 1000), chat[1])
+        self._group = (int(group[0] * 1000), group[1])
+        self._interval_ms = max(1, round(1000 / per_second))
+        self._reserve = cluster.redis.register_script(_RESERVE)
+
+    async def wait_turn(self, chat_id: int) -> None:
+        """Sleep until a message to this chat fits every limit; its slot is then taken.
+
+        A process starved of CPU wakes late, and its sends would bunch up with those of the
+        slots after theirs (Telegram counts them as they arrive): a slot missed by more than
+        LATE_S is given up for a new one (at most LATE_TRIES times, then it is used).
+        """
+        window, limit = self._group if chat_id < 0 else self._chat
+        keys = [self._cluster.key("sent", chat_id), self._cluster.key("next-slot")]
+        loop = asyncio.get_running_loop()
+        late = 0
+        while True:
+            try:
+                wait_ms, reserved = await command(
+                    self._reserve(
+                        keys=keys, args=[window, limit, self._interval_ms, secrets.token_hex(6)]
+                    )
+                )
+            except (RedisError, OSError) as exc:
+                raise ClusterUnavailable(type(exc).__name__) from exc
+            due = loop.time() + wait_ms / 1000
+            if wait_ms > 0:
+                await asyncio.sleep(wait_ms / 1000)
+            if reserved and (loop.time() - due <= LATE_S or late >= LATE_TRIES):
+                return
+            if reserved:
+                late += 1  # woken too late for this slot: take another
+
+
+async def command(call: Awaitable[T]) -> T:
+    """Await a Redis call, keeping a cancellation that came meanwhile. redis-py (8.1, seen
+    on Python 3.11) lets a command in flight finish and return normally even when its task
+    was cancelled, and the cancellation is lost: a cancelled lane would go on waiting and
+    sending. Raised again here."""
+    result = await call
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return result
+
+
+def connect(url: str) -> Redis:
+    """A client whose calls fail fast when Redis is down, and whose pool makes a burst of
+    lanes wait for a connection instead of opening hundreds."""
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it

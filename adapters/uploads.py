@@ -1,0 +1,629 @@
+"""Web uploads: one-time links bound to a case and an item, chunks streamed into the vault.
+
+A link carries a random token; only its SHA-256 is stored (`upload_sessions.token_hash`), so
+the database alone cannot open anyone's upload page. The patient's file list (names are
+personal data) is stored encrypted with the case key, bound to the session id.
+
+Each chunk of a file (`PART_SIZE` of plaintext, the last one shorter) becomes its own vault
+blob, encrypted and fsynced by the vault before the chunk is acknowledged. The vault is the
+progress record: a chunk was received exactly when its blob exists, so a restart, a dropped
+connection or a reload can never disagree with what is on disk, and there is no write to
+the database per chunk. Part blob ids are ``u<session id>-<file id>-<chunk>``: all parts of
+a session share a prefix (and a shard directory), so they can be found and removed even when
+the manifest can no longer be read (the case was crypto-erased).
+
+When every chunk is in, the files are handed to the normal intake (bot.upload does that with
+`ConversationService.handle_file`) as streams that decrypt the parts in 1 MiB pieces: a
+folder (a CD copy) becomes one ZIP built on the fly, so the intake sees it exactly as a
+zipped CD sent in the chat; single files go as they are. Nothing is ever held whole in
+memory and no plaintext touches the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import col, func, select
+
+from adapters.keyring import KeyRing
+from adapters.store import SqlStore, token_hash, utcnow
+from adapters.tables import CaseRow, FileRow, UploadSessionRow
+from adapters.vault import Vault
+from intake import limits
+
+log = logging.getLogger(__name__)
+
+PART_SIZE = 8 * 1024 * 1024  # plaintext per chunk: a PUT body, and one blob each
+PIECE = 1 << 20  # the hand-over reads parts in pieces of this size (one vault chunk)
+MAX_FILES = limits.MAX_ZIP_ENTRIES  # a folder becomes one ZIP: the intake's own limits apply
+MAX_PATH = limits.MAX_ZIP_NAME
+MAX_MIME = 128
+# More single files than this are handed over as one ZIP too: 300 scans picked one by one are
+# still one CD to the intake, not 300 chat messages (and the imaging item takes 200 at most).
+MAX_LOOSE_FILES = 10
+# Finished and expired sessions stay this long, so their link shows "used" or "expired"
+# instead of "not valid"; the file list is scrubbed as soon as they finish.
+LINGER = timedelta(days=30)
+MANIFEST_CACHE = 32  # decrypted file lists kept in memory (uploads going on at once)
+
+OPEN, FINISHING, COMPLETE, EXPIRED = "open", "finishing", "complete", "expired"
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
+_MIME = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class UploadRefused(Exception):  # a refusal shown to the patient, not a fault
+    """A request the upload cannot take. `reason` picks the message the patient sees
+    (invalid, expired, used, too_big, not_ready, bad_request); `locale` is the case's
+    language when the session was found, so a refusal page can speak it."""
+
+    def __init__(self, reason: str, detail: str = "", locale: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.locale = locale
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    """One file the page declared. `path` is the browser's relative path: data only, never
+    used as a path on disk."""
+
+    id: int
+    path: str
+    size: int
+    mime: str | None
+    modified: int  # milliseconds since the epoch, as the browser reports it
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // PART_SIZE)
+
+    def chunk_length(self, index: int) -> int:
+        return min(PART_SIZE, self.size - index * PART_SIZE)
+
+    @property
+    def in_folder(self) -> bool:
+        return "/" in self.path
+
+    def fingerprint(self) -> tuple[str, int, int]:
+        """The same file picked again after a reload: same path, size and modification time."""
+        return self.path, self.size, self.modified
+
+
+@dataclass(frozen=True)
+class UploadSession:
+    id: str
+    case_id: str
+    item_key: str
+    chat_id: int
+    state: str
+    expires_at: datetime
+    handed: int
+    files: tuple[ManifestFile, ...]
+    next_file_id: int
+    key: bytes  # the case's data key: parts and manifest are encrypted under it
+    locale: str
+    checklist_key: str | None
+    by_id: dict[int, ManifestFile] = field(default_factory=dict, repr=False, compare=False)
+
+    def file(self, file_id: int) -> ManifestFile | None:
+        return self.by_id.get(file_id)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    files: tuple[ManifestFile, ...]
+    next_id: int
+    by_id: dict[int, ManifestFile]
+
+
+@dataclass(frozen=True)
+class HandoverUnit:
+    """What the intake receives as one file: a single file, or several as one ZIP."""
+
+    index: int
+    name: str
+    mime: str | None
+    files: tuple[ManifestFile, ...]
+    zipped: bool
+
+
+def part_blob_id(session_id: str, file_id: int, index: int) -> str:
+    return f"u{session_id}-{file_id}-{index}"
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _clean_path(raw: object) -> str:
+    """The browser's relative path, normalised as text: forward slashes, no empty, "." or
+    ".." segments, no control characters. It names a ZIP member at most, never a file."""
+    if not isinstance(raw, str):
+        raise UploadRefused("bad_request", "path")
+    parts = [
+        _CONTROL.sub("", part).strip()
+        for part in raw.replace("\\", "/").split("/")
+        if part not in ("", ".", "..")
+    ]
+    path = "/".join(part for part in parts if part)
+    if not path or len(path) > MAX_PATH:
+        raise UploadRefused("bad_request", "path")
+    return path
+
+
+def parse_manifest(entries: object) -> list[tuple[str, int, str | None, int]]:
+    """(path, size, mime, modified) of each declared file; UploadRefused if malformed."""
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_FILES:
+        raise UploadRefused("bad_request", "files")
+    parsed = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise UploadRefused("bad_request", "entry")
+        size, modified, mime = entry.get("size"), entry.get("modified", 0), entry.get("type")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise UploadRefused("bad_request", "size")
+        if not isinstance(modified, int | float) or isinstance(modified, bool):
+            raise UploadRefused("bad_request", "modified")
+        if not -1e14 < modified < 1e14:  # milliseconds: about 3,000 years either way
+            raise UploadRefused("bad_request", "modified")
+        if not (isinstance(mime, str) and len(mime) <= MAX_MIME and _MIME.fullmatch(mime)):
+            mime = None  # the intake sniffs the content anyway
+        parsed.append((_clean_path(entry.get("path")), size, mime, int(modified)))
+    return parsed
+
+
+def plan_handover(files: Sequence[ManifestFile]) -> list[HandoverUnit]:
+    """How the files reach the intake: each picked folder as one ZIP named after it (the CD
+    copy, as if zipped and sent in the chat); single files one by one, or as one ZIP when
+    there are more than MAX_LOOSE_FILES of them. Deterministic, so a resumed hand-over
+    numbers the units the same way."""
+    folders: dict[str, list[ManifestFile]] = {}
+    loose: list[ManifestFile] = []
+    for file in files:
+        if file.in_folder:
+            folders.setdefault(file.path.split("/", 1)[0], []).append(file)
+        else:
+            loose.append(file)
+    units: list[HandoverUnit] = []
+    for folder, members in folders.items():
+        units.append(
+            HandoverUnit(len(units), f"{folder}.zip", "application/zip", tuple(members), True)
+        )
+    if len(loose) > MAX_LOOSE_FILES:
+        units.append(HandoverUnit(len(units), "files.zip", "application/zip", tuple(loose), True))
+    else:
+        for file in loose:
+            units.append(HandoverUnit(len(units), file.path, file.mime, (file,), False))
+    return units
+
+
+def _member_name(file: ManifestFile, taken: set[str]) -> str:
+    """The file's name inside the ZIP: its path below the picked folder, made unique."""
+    name = file.path.split("/", 1)[1] if file.in_folder else file.path
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{n}_{name}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _zip_time(modified_ms: int) -> tuple[int, int, int, int, int, int]:
+    seconds = min(max(modified_ms / 1000, 315_532_800), 4_354_819_199)  # ZIP: 1980..2107
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second
+
+
+class _Spool:
+    """Where zipfile writes: a buffer drained after every piece. No seek(), so zipfile
+    writes data descriptors instead of going back to patch headers."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+class UploadStore:
+    """Upload sessions in the SQL store, their chunks in the vault."""
+
+    def __init__(self, store: SqlStore, vault: Vault, keys: KeyRing) -> None:
+        self._store = store
+        self._vault = vault
+        self._keys = keys
+        self._manifests: OrderedDict[str, tuple[str, _Manifest]] = OrderedDict()
+
+    # -- sessions --------------------------------------------------------------------
+
+    async def create(self, case_id: str, item_key: str, chat_id: int, ttl: timedelta) -> str:
+        """A new session for this case and item; returns the link's token (stored hashed)."""
+        async with self._store.transaction() as tx:
+            token = await tx.open_upload(case_id, item_key, chat_id, ttl)
+        if token is None:
+            raise UploadRefused("invalid", "no such case for this chat")
+        return token
+
+    async def by_token(self, token: str, complete_ok: bool = False) -> UploadSession:
+        """The session of a link; UploadRefused unless it is open (or `complete_ok` and
+        complete: the page asks how its own hand-over ended)."""
+        if not _TOKEN.fullmatch(token):
+            raise UploadRefused("invalid")
+        query = self._joined().where(UploadSessionRow.token_hash == token_hash(token))
+        async with self._store.reader() as session:
+            found = (await session.exec(query)).first()
+        if found is None:
+            raise UploadRefused("invalid")
+        row, case = found
+        return self._session(row, case, complete_ok=complete_ok)
+
+    async def for_chat(
+        self, case_id: str, chat_id: int, complete_ok: bool = False
+    ) -> UploadSession:
+        """The chat's newest usable session for the case (the Mini App has no token)."""
+        query = (
+            self._joined()
+            .where(UploadSessionRow.case_id == case_id, UploadSessionRow.chat_id == chat_id)
+            .order_by(col(UploadSessionRow.created_at).desc())
+        )
+        async with self._store.reader() as session:
+            rows = (await session.exec(query)).all()
+        refusal = UploadRefused("invalid")
+        for row, case in rows:
+            try:
+                return self._session(row, case, complete_ok=complete_ok)
+            except UploadRefused as exc:  # the newest refusal says why ("used", "expired")
+                refusal = refusal if refusal.reason != "invalid" else exc
+        raise refusal
+
+    async def get(self, session_id: str) -> UploadSession:
+        query = self._joined().where(UploadSessionRow.id == session_id)
+        async with self._store.reader() as session:
+            found = (await session.exec(query)).first()
+        if found is None:
+            raise UploadRefused("invalid")
+        row, case = found
+        return self._session(row, case, check=False)
+
+    def _joined(self) -> Any:
+        return select(UploadSessionRow, CaseRow).join(
+            CaseRow, col(CaseRow.id) == col(UploadSessionRow.case_id), isouter=True
+        )
+
+    def _session(
+        self,
+        row: UploadSessionRow,
+        case: CaseRow | None,
+        check: bool = True,
+        complete_ok: bool = False,
+    ) -> UploadSession:
+        if case is None or case.chat_id != row.chat_id or not case.wrapped_key:
+            raise UploadRefused("invalid", "case gone")
+        if check:
+            if row.state == COMPLETE and not complete_ok:
+                raise UploadRefused("used", locale=case.locale)
+            expired = row.state == OPEN and _aware(row.expires_at) <= utcnow()
+            if row.state == EXPIRED or expired:
+                raise UploadRefused("expired", locale=case.locale)
+        key = self._keys.case_key(case.id, case.wrapped_key)
+        manifest = self._manifest(row, case)
+        return UploadSession(
+            row.id,
+            row.case_id,
+            row.item_key,
+            row.chat_id,
+            row.state,
+            _aware(row.expires_at),
+            row.handed,
+            manifest.files,
+            manifest.next_id,
+            key,
+            case.locale,
+            case.checklist_key,
+            manifest.by_id,
+        )
+
+    def _manifest(self, row: UploadSessionRow, case: CaseRow) -> _Manifest:
+        """The decrypted file list. Every chunk's request needs it, and a CD's list runs to
+        thousands of names: the last few are kept decrypted, keyed by their ciphertext."""
+        if not row.manifest_enc:
+            return _Manifest((), 0, {})
+        cached = self._manifests.get(row.id)
+        if cached is not None and cached[0] == row.manifest_enc:
+            self._manifests.move_to_end(row.id)
+            return cached[1]
+        context = _field(row.id)
+        plain = json.loads(
+            self._keys.decrypt_field(case.id, case.wrapped_key, row.manifest_enc, context)
+        )
+        files = tuple(ManifestFile(*entry) for entry in plain["files"])
+        manifest = _Manifest(files, plain["next"], {file.id: file for file in files})
+        self._manifests[row.id] = (row.manifest_enc, manifest)
+        while len(self._manifests) > MANIFEST_CACHE:
+            self._manifests.popitem(last=False)
+        return manifest
+
+    async def set_files(
+        self, upload: UploadSession, entries: object, max_case_bytes: int
+    ) -> tuple[UploadSession, list[int]]:
+        """Declare the files to upload (again, after a reload); returns the session and the
+        id of each entry, in the order given. A file picked again (same path, size and time)
+        keeps its id and the chunks already stored; files no longer picked are dropped with
+        their chunks."""
+        parsed = parse_manifest(entries)
+        previous = {file.fingerprint(): file for file in upload.files}
+        next_id = upload.next_file_id
+        files: dict[tuple[str, int, int], ManifestFile] = {}
+        for path, size, mime, modified in parsed:
+            fingerprint = (path, size, modified)
+            if fingerprint in files:
+                continue  # the same file twice in one pick
+            kept = previous.get(fingerprint)
+            if kept is None:
+                kept, next_id = ManifestFile(next_id, path, size, mime, modified), next_id + 1
+            files[fingerprint] = kept
+        order = [files[(path, size, modified)].id for path, size, mime, modified in parsed]
+        total = sum(file.size for file in files.values())
+        dropped = [file for file in upload.files if file.fingerprint() not in files]
+        async with self._store.transaction() as tx:
+            query = select(UploadSessionRow).where(UploadSessionRow.id == upload.id)
+            if tx.for_update:
+                query = query.with_for_update()
+            row = (await tx.session.exec(query)).one()
+            if row.state != OPEN:
+                raise UploadRefused("used" if row.state == COMPLETE else "not_ready")
+            if await self._case_bytes(tx.session, upload) + total > max_case_bytes:
+                raise UploadRefused("too_big")
+            case = await tx.session.get(CaseRow, upload.case_id)
+            assert case is not None
+            manifest = json.dumps(
+                {"next": next_id, "files": [dataclasses.astuple(file) for file in files.values()]}
+            )
+            row.manifest_enc = self._keys.encrypt_field(
+                case.id, case.wrapped_key, manifest, _field(row.id)
+            )
+            row.total_bytes = total
+            tx.session.add(row)
+        for file in dropped:
+            await asyncio.to_thread(self._delete_file_parts, upload.id, file)
+        log.info(
+            "upload files declared upload=%s files=%d bytes=%d", upload.id[:8], len(files), total
+        )
+        return await self.get(upload.id), order
+
+    async def _case_bytes(self, session: Any, upload: UploadSession) -> int:
+        """What the case already holds, plus what its other open uploads declared."""
+        stored = (
+            await session.exec(
+                select(func.sum(FileRow.size)).where(FileRow.case_id == upload.case_id)
+            )
+        ).one()
+        pending = (
+            await session.exec(
+                select(func.sum(UploadSessionRow.total_bytes)).where(
+                    UploadSessionRow.case_id == upload.case_id,
+                    col(UploadSessionRow.state).in_((OPEN, FINISHING)),
+                    UploadSessionRow.id != upload.id,
+                )
+            )
+        ).one()
+        return int(stored or 0) + int(pending or 0)
+
+    # -- chunks ----------------------------------------------------------------------
+
+    def received(self, upload: UploadSession) -> dict[int, list[int]]:
+        """Chunk indexes already stored, per file id (blocking: a stat per chunk)."""
+        return {
+            file.id: [
+                index
+                for index in range(file.chunks)
+                if self._vault.exists(part_blob_id(upload.id, file.id, index))
+            ]
+            for file in upload.files
+        }
+
+    async def write_chunk(
+        self, upload: UploadSession, file_id: int, index: int, body: AsyncIterator[bytes]
+    ) -> bool:
+        """Stream one chunk into its own encrypted blob, durable when this returns.
+
+        False when the chunk was already stored (a retry after a lost answer): the body is
+        not read. UploadRefused when the chunk is not part of the session or its length is
+        not exactly what the declared file size implies (then nothing is kept).
+        """
+        if upload.state != OPEN:
+            raise UploadRefused("not_ready")
+        file = upload.file(file_id)
+        if file is None or not 0 <= index < file.chunks:
+            raise UploadRefused("bad_request", "no such chunk")
+        blob_id = part_blob_id(upload.id, file_id, index)
+        if await asyncio.to_thread(self._vault.exists, blob_id):
+            return False
+        expected = file.chunk_length(index)
+
+        async def exactly() -> AsyncIterator[bytes]:
+            # Raising here, inside the stream, makes the vault discard the partial blob.
+            received = 0
+            async for piece in body:
+                received += len(piece)
+                if received > expected:
+                    raise UploadRefused("bad_request", "chunk too long")
+                yield piece
+            if received != expected:
+                raise UploadRefused("bad_request", "chunk too short")
+
+        try:
+            await self._vault.write_stream(blob_id, upload.key, exactly())
+        except FileExistsError:
+            return False  # the same chunk arrived twice at once; one copy won
+        return True
+
+    # -- hand-over -------------------------------------------------------------------
+
+    async def start_finishing(self, upload: UploadSession) -> None:
+        """Every chunk is in: close the session to new chunks (once; idempotent)."""
+        if upload.state in (FINISHING, COMPLETE):
+            return
+        if not upload.files:
+            raise UploadRefused("not_ready", "no files")
+        received = await asyncio.to_thread(self.received, upload)
+        if any(len(received[file.id]) != file.chunks for file in upload.files):
+            raise UploadRefused("not_ready", "chunks missing")
+        async with self._store.session() as session:
+            await session.exec(
+                update(UploadSessionRow)
+                .where(col(UploadSessionRow.id) == upload.id, col(UploadSessionRow.state) == OPEN)
+                .values(state=FINISHING)
+            )
+
+    async def mark_handed(self, session_id: str, count: int) -> None:
+        async with self._store.session() as session:
+            await session.exec(
+                update(UploadSessionRow)
+                .where(col(UploadSessionRow.id) == session_id)
+                .values(handed=count)
+            )
+
+    async def complete(self, session_id: str) -> None:
+        """The intake has everything: drop the parts and the file list, spend the link."""
+        await asyncio.to_thread(self.delete_parts, session_id)
+        await self._close(session_id, COMPLETE)
+
+    async def expire(self, session_id: str) -> None:
+        await asyncio.to_thread(self.delete_parts, session_id)
+        await self._close(session_id, EXPIRED)
+
+    async def _close(self, session_id: str, state: str) -> None:
+        async with self._store.session() as session:
+            await session.exec(
+                update(UploadSessionRow)
+                .where(col(UploadSessionRow.id) == session_id)
+                .values(state=state, manifest_enc=None, completed_at=utcnow())
+            )
+        log.info("upload %s upload=%s", state, session_id[:8])
+
+    async def case_locale(self, case_id: str) -> str | None:
+        """The case's language (the Mini App page is drawn before anyone is verified)."""
+        query = select(CaseRow.locale).where(CaseRow.id == case_id, CaseRow.state != "erased")
+        async with self._store.reader() as session:
+            return (await session.exec(query)).first()
+
+    async def finishing(self) -> list[str]:
+        """Sessions whose hand-over a stop interrupted (resumed at start)."""
+        query = select(UploadSessionRow.id).where(UploadSessionRow.state == FINISHING)
+        async with self._store.reader() as session:
+            return list((await session.exec(query)).all())
+
+    def file_pieces(self, upload: UploadSession, file: ManifestFile) -> Generator[bytes]:
+        """The file's plaintext in 1 MiB pieces, decrypted part by part (blocking)."""
+        for index in range(file.chunks):
+            blob_id = part_blob_id(upload.id, file.id, index)
+            with self._vault.reader(blob_id, upload.key) as reader:
+                if reader.size != file.chunk_length(index):
+                    raise UploadRefused("bad_request", "stored chunk has the wrong size")
+                while piece := reader.read(PIECE):
+                    yield piece
+
+    def unit_pieces(self, upload: UploadSession, unit: HandoverUnit) -> Generator[bytes]:
+        """The unit's bytes: the single file, or a ZIP (stored, not compressed: scans do
+        not shrink) of its files built on the fly (blocking)."""
+        if not unit.zipped:
+            yield from self.file_pieces(upload, unit.files[0])
+            return
+        spool = _Spool()
+        taken: set[str] = set()
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for file in unit.files:
+                info = zipfile.ZipInfo(_member_name(file, taken), _zip_time(file.modified))
+                info.file_size = file.size  # lets zipfile choose ZIP64 up front for big files
+                with archive.open(info, "w") as member:
+                    for piece in self.file_pieces(upload, file):
+                        member.write(piece)
+                        yield spool.take()
+                yield spool.take()
+        yield spool.take()
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def delete_parts(self, session_id: str) -> int:
+        """Remove every part of a session, found by its id prefix (blocking)."""
+        prefix = f"u{session_id}-"
+        shard = self._vault.blobs_dir / prefix[:2]
+        removed = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(shard) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(prefix)]
+            for name in names:
+                removed += self._vault.delete(name)
+        return removed
+
+    def _delete_file_parts(self, session_id: str, file: ManifestFile) -> None:
+        for index in range(file.chunks):
+            self._vault.delete(part_blob_id(session_id, file.id, index))
+
+    async def sweep(self) -> int:
+        """Expire open sessions past their time and remove what erased cases left; drop rows
+        long finished. Returns the number of sessions changed. Safe to run at any time."""
+        now = utcnow()
+        async with self._store.reader() as session:
+            rows = (await session.exec(self._joined())).all()
+        changed = 0
+        for row, case in rows:
+            gone = case is None or not case.wrapped_key or case.chat_id != row.chat_id
+            if gone:
+                await self._delete_row(row.id)
+            elif row.state == OPEN and _aware(row.expires_at) <= now:
+                await self.expire(row.id)
+            elif row.state in (COMPLETE, EXPIRED) and _aware(row.expires_at) + LINGER <= now:
+                await self._delete_row(row.id)
+            else:
+                continue
+            changed += 1
+        return changed
+
+    async def _delete_row(self, session_id: str) -> None:
+        await asyncio.to_thread(self.delete_parts, session_id)  # any a late request left
+        async with self._store.session() as session:
+            row = await session.get(UploadSessionRow, session_id)
+            if row is not None:
+                await session.delete(row)
+
+
+def _field(session_id: str) -> str:
+    """The manifest's encryption context: it cannot be moved to another session."""
+    return f"upload-manifest/{session_id}"

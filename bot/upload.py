@@ -1,0 +1,623 @@
+"""The web upload: a page for files too big for the chat (a CD's scans), bound to one case
+and one checklist item, served as an aiohttp sub-application mounted at ``/upload/``.
+
+Two ways in:
+
+* a one-time link ``WEB_BASE_URL/upload/u/<token>`` (`UploadLinks.issue_link`): the token
+  is random (256 bits), stored only as its SHA-256, expires (UPLOAD_LINK_HOURS), and is
+  spent once its files are handed to the intake;
+* the Telegram Mini App ``WEB_BASE_URL/upload/app?case=<case id>`` (`UploadLinks.app_url`,
+  for a ``web_app`` button): every request carries Telegram's signed ``initData``, checked
+  with the bot token exactly as Telegram documents, and the user it names may only reach
+  their own chat's open upload for that case.
+
+Routes (relative to the mount point)::
+
+    GET  u/<token>                      the page (or a notice: expired, used, not valid)
+    GET  app?case=<id>                  the page inside Telegram
+    GET  static/page.js, static/page.css
+    GET  api/status                     state, bytes declared and stored
+    POST api/files                      the picked files; answers which chunks are stored
+    PUT  api/files/<file>/chunks/<n>    one chunk, exactly PART_SIZE bytes (the last shorter)
+    POST api/finish                     every chunk is in: hand the files to the intake
+
+API requests authenticate with ``Authorization: Bearer <token>`` or ``tma <initData>``
+(never a cookie, so no cross-site request can act for the patient). Chunks stream into the
+encrypted vault (adapters.uploads); the hand-over runs `ConversationService.handle_file`
+for each file, which stores, checks and answers the patient in the chat as for a chat
+upload. Tokens never reach a log: this module logs session id prefixes only, and the
+server runs without an access log (bot.web) or with `ScrubbedAccessLogger`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import html
+import json
+import logging
+import re
+import string
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import ClientPayloadError, web
+from aiohttp.abc import AbstractAccessLogger
+
+from adapters.uploads import (
+    COMPLETE,
+    FINISHING,
+    OPEN,
+    PART_SIZE,
+    PIECE,
+    HandoverUnit,
+    UploadRefused,
+    UploadSession,
+    UploadStore,
+    plan_handover,
+)
+from bot.app import App
+from bot.settings import Settings
+from core.ports import IncomingFile, Patient
+from core.replies import Text, Verbatim
+from handlers.render import format_size, is_rtl
+
+log = logging.getLogger(__name__)
+
+PAGE_DIR = Path(__file__).resolve().parent / "upload_page"
+
+# Defaults of the settings this module reads with getattr (see README, "Web uploads").
+LINK_HOURS = 24.0  # UPLOAD_LINK_HOURS: how long a link works if it is not used up before
+MAX_CASE_BYTES = 4 * 1024**3  # UPLOAD_MAX_CASE_BYTES: stored files plus declared uploads
+# The Mini App's launch data is signed once, when the patient opens it; an upload of a CD
+# over a slow line takes hours, so it stays good as long as a link would.
+INIT_DATA_MAX_AGE = LINK_HOURS * 3600
+CLOCK_SKEW = 60  # seconds an auth_date may lie in the future (clocks differ)
+MAX_JSON_BODY = 4 * 1024 * 1024  # the file list of a full CD (10,000 names) fits easily
+# Rate limits (token buckets: per second, burst). A CD of small files is hundreds of PUTs in
+# a row, three at a time, so the ordinary limits are generous; what must stay slow is
+# guessing: a request with an unknown token or bad initData costs from a small budget per
+# IP (ten, then one per 30 s); a valid credential is never refused for it.
+IP_RATE, IP_BURST = 200.0, 1000.0
+SESSION_RATE, SESSION_BURST = 100.0, 1000.0
+FAILURE_RATE, FAILURE_BURST = 1 / 30, 10.0
+HANDOVER_RETRY_S = 30.0  # a failed hand-over is tried again when the page asks after this
+
+_CASE_ID = re.compile(r"[0-9a-f]{32}")
+_TOKEN_IN_PATH = re.compile(r"(/u/)[^/?#]+")
+_TELEGRAM_FRAMES = "https://web.telegram.org https://*.telegram.org"
+_ASSETS = {
+    "page.js": "application/javascript",
+    "page.css": "text/css",
+}
+# Texts the page's script shows (templates: it fills {done}, {total}, {count}, {percent}).
+_SCRIPT_TEXTS = (
+    "uploading",
+    "retrying",
+    "overall",
+    "files",
+    "resume",
+    "finishing",
+    "done",
+    "empty",
+    "failed",
+    "busy",
+    "expired",
+    "used",
+    "invalid",
+    "not_ready",
+    "open_in_telegram",
+)
+_STATUS = {
+    "invalid": 401,
+    "expired": 410,
+    "used": 410,
+    "too_big": 413,
+    "not_ready": 409,
+    "bad_request": 400,
+}
+
+
+# -- links -------------------------------------------------------------------------------
+
+
+class UploadLinks:
+    """Issues upload links for the chat side. `base_url` overrides WEB_BASE_URL (tests)."""
+
+    def __init__(self, app: App, settings: Settings | None = None, base_url: str | None = None):
+        settings = settings or app.settings
+        self._uploads = UploadStore(app.store, app.vault, app.store.keys)
+        self._base = (base_url or getattr(settings, "web_base_url", None) or "").rstrip("/")
+        self._ttl = timedelta(hours=float(getattr(settings, "upload_link_hours", LINK_HOURS)))
+
+    async def issue_link(self, case_id: str, item_key: str, chat_id: int) -> str:
+        """A one-time link to upload files for this case's item, from this chat only.
+
+        Raises RuntimeError without WEB_BASE_URL, and adapters.uploads.UploadRefused when
+        the case is not this chat's (or was erased)."""
+        if not self._base:
+            raise RuntimeError("WEB_BASE_URL is not set: upload links need the public address")
+        token = await self._uploads.create(case_id, item_key, chat_id, self._ttl)
+        log.info("upload link issued case=%s item=%s", case_id, item_key)
+        return f"{self._base}/upload/u/{token}"
+
+    def app_url(self, case_id: str) -> str:
+        """The Mini App address for a `web_app` button (https only, per Telegram); it opens
+        the chat's newest open upload for the case, so issue a link first."""
+        if not self._base:
+            raise RuntimeError("WEB_BASE_URL is not set: upload links need the public address")
+        return f"{self._base}/upload/app?case={case_id}"
+
+
+def check_init_data(
+    init_data: str, bot_token: str, now: float, max_age: float = INIT_DATA_MAX_AGE
+) -> int | None:
+    """The Telegram user id in a Mini App's `initData`, or None unless Telegram signed it
+    for this bot within `max_age` seconds.
+
+    As https://core.telegram.org/bots/webapps#validating-data-received-via-the-mini-app:
+    secret_key = HMAC_SHA256(key="WebAppData", msg=bot_token); the hash is
+    HMAC_SHA256(key=secret_key, msg=data_check_string), where data_check_string is every
+    other field as key=value, sorted by key, joined by line feeds.
+    """
+    try:
+        pairs = parse_qsl(init_data, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return None
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        return None  # a repeated field would make the check string ambiguous
+    received = fields.pop("hash", "").encode()
+    check = "\n".join(f"{key}={value}" for key, value in sorted(fields.items()))
+    secret = hmac.new(b"WebAppData", bot_token.encode(), hashlib.sha256).digest()
+    expected = hmac.new(secret, check.encode(), hashlib.sha256).hexdigest().encode()
+    if not hmac.compare_digest(expected, received):
+        return None
+    try:
+        auth_date = int(fields["auth_date"])
+        user_id = json.loads(fields["user"])["id"]
+    except (KeyError, ValueError, TypeError):
+        return None
+    if not isinstance(user_id, int) or isinstance(user_id, bool):
+        return None
+    if not now - max_age <= auth_date <= now + CLOCK_SKEW:
+        return None
+    return user_id
+
+
+# -- protection ----------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Token buckets by key (an IP, a session): `rate` per second, up to `burst` at once.
+    Keeps at most `max_keys` buckets, forgetting the least recently used."""
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 50_000) -> None:
+        self._rate, self._burst, self._max = rate, burst, max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self._burst, now))
+        return min(self._burst, tokens + (now - at) * self._rate)
+
+    def take(self, key: str) -> float:
+        """Spend one token if there is one: 0; else the seconds to wait."""
+        now = time.monotonic()
+        level = self._level(key, now)
+        if level < 1:
+            return (1 - level) / self._rate
+        self._buckets[key] = (level - 1, now)
+        self._buckets.move_to_end(key)
+        while len(self._buckets) > self._max:
+            self._buckets.popitem(last=False)
+        return 0.0
+
+
+class _Busy(Exception):  # an answer (429), not a fault
+    def __init__(self, wait: float) -> None:
+        super().__init__("rate limited")
+        self.wait = wait
+
+
+class ScrubbedAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without secrets: a link's token is shown as "…" and query
+    strings (a case id) are left out. Pass it as `AppRunner(..., access_log_class=...)`."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = _TOKEN_IN_PATH.sub(r"\1…", request.path)
+        self.logger.info(
+            "%s %s %s %d %.3fs", request.remote, request.method, path, response.status, time
+        )
+
+
+def _protect(response: web.StreamResponse, in_telegram: bool) -> None:
+    """Headers every answer carries: no inline script anywhere (the page's script and style
+    are files from here), not cached, not framed except the Mini App by Telegram."""
+    frames = _TELEGRAM_FRAMES if in_telegram else "'none'"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        f"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors {frames}"
+    )
+    if not in_telegram:
+        response.headers["X-Frame-Options"] = "DENY"  # older browsers without CSP frames
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+    response.headers["Permissions-Policy"] = "camera=(), microphone=(), geolocation=()"
+
+
+def _refusal(reason: str, status: int | None = None) -> web.Response:
+    return web.json_response({"error": reason}, status=status or _STATUS.get(reason, 400))
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The JSON body, read with a hard size limit (the parent app's may be anything)."""
+    length = request.content_length
+    if length is None or length > MAX_JSON_BODY:
+        raise UploadRefused("bad_request", "body size")
+    try:
+        return json.loads(await request.content.readexactly(length), parse_constant=_no_constant)
+    except (asyncio.IncompleteReadError, ValueError):
+        raise UploadRefused("bad_request", "body") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
+
+
+# -- the hand-over ---------------------------------------------------------------------------
+
+
+@dataclass
+class _StoredSource:
+    """A FileSource over a unit's stored chunks, decrypted piece by piece as the intake
+    reads (the blocking reads and the ZIP framing run in a worker thread)."""
+
+    uploads: UploadStore
+    upload: UploadSession
+    unit: HandoverUnit
+
+    async def chunks(self, incoming: IncomingFile) -> AsyncIterator[bytes]:
+        pieces = self.uploads.unit_pieces(self.upload, self.unit)
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                if piece:
+                    yield piece
+        finally:
+            with contextlib.suppress(ValueError):  # still running in its thread: it ends there
+                pieces.close()
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class _UploadServer:
+    def __init__(self, app: App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.uploads = UploadStore(app.store, app.vault, app.store.keys)
+        self.max_case_bytes = int(getattr(settings, "upload_max_case_bytes", MAX_CASE_BYTES))
+        self.by_ip = RateLimiter(IP_RATE, IP_BURST)
+        self.by_session = RateLimiter(SESSION_RATE, SESSION_BURST)
+        self.failures = RateLimiter(FAILURE_RATE, FAILURE_BURST)
+        self.page = string.Template((PAGE_DIR / "page.html").read_text(encoding="utf-8"))
+        # Served from memory by name: no path from a request ever reaches the file system.
+        self.assets = {name: (PAGE_DIR / name).read_bytes() for name in _ASSETS}
+        self.handovers: dict[str, asyncio.Task[None]] = {}
+        self.failed_at: dict[str, float] = {}
+        self.sweeper: asyncio.Task[None] | None = None
+
+    # -- requests ------------------------------------------------------------------------
+
+    @web.middleware
+    async def guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Rate limits, errors as JSON, security headers on every answer; logs name the
+        route, never the path (it holds the token)."""
+        route = request.match_info.route.name or "?"
+        response: web.StreamResponse
+        try:
+            if wait := self.by_ip.take(request.remote or "?"):
+                raise _Busy(wait)
+            response = await handler(request)
+        except UploadRefused as exc:
+            response = _refusal(exc.reason)
+        except _Busy as exc:
+            response = _refusal("busy", 429)
+            response.headers["Retry-After"] = str(max(1, round(exc.wait)))
+        except web.HTTPException as exc:  # no such route, wrong method
+            response = _refusal("invalid" if exc.status == 404 else "bad_request", exc.status)
+        except (ConnectionError, ClientPayloadError):
+            log.info("upload connection lost route=%s", route)  # the page sends it again
+            response = _refusal("bad_request")
+        except Exception:
+            log.exception("upload request failed route=%s", route)
+            response = _refusal("failed", 500)
+        _protect(response, in_telegram=route == "app")
+        return response
+
+    async def _authorise(self, request: web.Request, complete_ok: bool = False) -> UploadSession:
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        try:
+            if scheme == "Bearer":
+                upload = await self.uploads.by_token(credential, complete_ok)
+            elif scheme == "tma" and self.settings.bot_token:
+                user = check_init_data(credential, self.settings.bot_token, time.time())
+                case_id = request.query.get("case", "")
+                if user is None or not _CASE_ID.fullmatch(case_id):
+                    raise UploadRefused("invalid", "initData")
+                upload = await self.uploads.for_chat(case_id, user, complete_ok)
+            else:
+                raise UploadRefused("invalid", "no credential")
+        except UploadRefused as exc:
+            self._count_failure(request, exc)
+            raise
+        if wait := self.by_session.take(upload.id):
+            raise _Busy(wait)
+        return upload
+
+    def _count_failure(self, request: web.Request, refusal: UploadRefused) -> None:
+        """Only wrong credentials cost from the IP's small budget, and a good one is never
+        held back by it: behind a proxy every patient may share one address."""
+        if refusal.reason == "invalid" and (wait := self.failures.take(request.remote or "?")):
+            raise _Busy(wait) from refusal
+
+    async def link_page(self, request: web.Request) -> web.Response:
+        default = self.settings.default_locale
+        try:
+            upload = await self.uploads.by_token(request.match_info["token"])
+        except UploadRefused as exc:
+            if exc.reason != "invalid":
+                return self._notice(request, exc.locale or default, exc.reason, 410)
+            try:
+                self._count_failure(request, exc)
+            except _Busy:
+                return self._notice(request, default, "busy", 429)
+            return self._notice(request, default, "invalid", 404)
+        return self._page(request, upload.locale, "link", None, self._item_title(upload))
+
+    async def app_page(self, request: web.Request) -> web.Response:
+        case_id = request.query.get("case", "")
+        locale = await self.uploads.case_locale(case_id) if _CASE_ID.fullmatch(case_id) else None
+        if locale is None or not self.settings.bot_token:
+            return self._notice(request, self.settings.default_locale, "invalid", 404)
+        # Who is asking is known only once the script sends Telegram's signed initData.
+        return self._page(request, locale, "app", case_id, None)
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info.route.name or ""
+        return web.Response(body=self.assets[name], content_type=_ASSETS[name], charset="utf-8")
+
+    async def status(self, request: web.Request) -> web.Response:
+        upload = await self._authorise(request, complete_ok=True)
+        if upload.state == FINISHING:
+            self._hand_over_soon(upload.id)  # after a restart, or a failed try
+        received = 0
+        if upload.state == OPEN and upload.files:
+            have = await asyncio.to_thread(self.uploads.received, upload)
+            received = sum(
+                file.chunk_length(index) for file in upload.files for index in have[file.id]
+            )
+        return web.json_response(
+            {
+                "state": upload.state,
+                "part_size": PART_SIZE,
+                "files": len(upload.files),
+                "total": upload.total_bytes,
+                "received": received,
+            }
+        )
+
+    async def declare(self, request: web.Request) -> web.Response:
+        upload = await self._authorise(request)
+        body = await _read_json(request)
+        entries = body.get("files") if isinstance(body, dict) else None
+        upload, order = await self.uploads.set_files(upload, entries, self.max_case_bytes)
+        have = await asyncio.to_thread(self.uploads.received, upload)
+        return web.json_response(
+            {"part_size": PART_SIZE, "files": [{"id": i, "have": have[i]} for i in order]}
+        )
+
+    async def put_chunk(self, request: web.Request) -> web.Response:
+        upload = await self._authorise(request)
+        file_id, index = int(request.match_info["file"]), int(request.match_info["index"])
+        file = upload.file(file_id)
+        if file is None or not 0 <= index < file.chunks:
+            raise UploadRefused("bad_request", "no such chunk")
+        # The declared length must be exact: no chunked bodies, nothing beyond one chunk.
+        if request.content_length != file.chunk_length(index):
+            raise UploadRefused("bad_request", "length")
+        stored = await self.uploads.write_chunk(
+            upload, file_id, index, request.content.iter_chunked(PIECE)
+        )
+        return web.json_response({"stored": True, "new": stored})
+
+    async def finish(self, request: web.Request) -> web.Response:
+        upload = await self._authorise(request, complete_ok=True)
+        if upload.state == OPEN:
+            await self.uploads.start_finishing(upload)
+        if upload.state != COMPLETE:
+            self._hand_over_soon(upload.id)
+        return web.json_response({"state": FINISHING if upload.state == OPEN else upload.state})
+
+    # -- hand-over -----------------------------------------------------------------------
+
+    def _hand_over_soon(self, session_id: str) -> None:
+        if session_id in self.handovers:
+            return
+        if time.monotonic() - self.failed_at.get(session_id, -HANDOVER_RETRY_S) < HANDOVER_RETRY_S:
+            return
+        task = asyncio.create_task(self._hand_over(session_id))
+        self.handovers[session_id] = task
+        task.add_done_callback(lambda _: self.handovers.pop(session_id, None))
+
+    async def _hand_over(self, session_id: str) -> None:
+        """Each file to the intake as if sent in the chat (the service answers the patient
+        there), then spend the link. Resumable: units already handed are skipped, and one
+        handed twice is answered as a duplicate."""
+        try:
+            upload = await self.uploads.get(session_id)
+            if upload.state != FINISHING:
+                return
+            patient = Patient(upload.chat_id, upload.chat_id, None)
+            units = plan_handover(upload.files)
+            for unit in units[upload.handed :]:
+                try:
+                    await self.uploads.get(session_id)  # the case may have been erased since
+                except UploadRefused:
+                    await self.uploads.expire(session_id)
+                    return
+                incoming = IncomingFile(
+                    unique_id=f"web:{upload.id}.{unit.index}",
+                    source_ref=f"web:{upload.id}/{unit.index}",
+                    name=unit.name,
+                    mime=unit.mime,
+                    size=None if unit.zipped else unit.files[0].size,
+                )
+                source = _StoredSource(self.uploads, upload, unit)
+                await self.app.service.handle_file(
+                    patient, incoming, source, update_id=None, item_key=upload.item_key
+                )
+                await self.uploads.mark_handed(session_id, unit.index + 1)
+            await self.uploads.complete(session_id)
+            self.failed_at.pop(session_id, None)
+            log.info("upload handed over upload=%s units=%d", session_id[:8], len(units))
+        except UploadRefused:
+            log.info("upload hand-over dropped upload=%s", session_id[:8])
+        except Exception:
+            self.failed_at[session_id] = time.monotonic()
+            log.exception("upload hand-over failed upload=%s", session_id[:8])
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def on_startup(self, _: web.Application) -> None:
+        self.sweeper = asyncio.create_task(self._sweep_forever())
+        for session_id in await self.uploads.finishing():
+            self._hand_over_soon(session_id)
+
+    async def on_cleanup(self, _: web.Application) -> None:
+        # Interrupted hand-overs resume at the next start (and from the page's polling).
+        tasks = [*self.handovers.values(), *([self.sweeper] if self.sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                swept = await self.uploads.sweep()
+                if swept:
+                    log.info("upload sweep sessions=%d", swept)
+            except Exception:
+                log.exception("upload sweep failed")
+            await asyncio.sleep(3600)
+
+    # -- pages ---------------------------------------------------------------------------
+
+    def _item_title(self, upload: UploadSession) -> str | None:
+        checklist = self.app.checklists.get(upload.checklist_key or "")
+        items = checklist.items if checklist else ()
+        return next((item.title for item in items if item.key == upload.item_key), None)
+
+    def _texts(self, lang: str) -> dict[str, str]:
+        translator = self.app.translator
+        texts = {name: translator.gettext(lang, f"upload.page.{name}") for name in _SCRIPT_TEXTS}
+        cap = Verbatim(format_size(self.max_case_bytes, lang))
+        texts["too_big"] = translator.text(lang, Text("upload.page.too_big", {"size": cap}))
+        return texts
+
+    def _page(
+        self,
+        request: web.Request,
+        lang: str,
+        mode: str,
+        case_id: str | None,
+        item_title: str | None,
+    ) -> web.Response:
+        return self._html(request, lang, "upload", "", mode, case_id, item_title, 200)
+
+    def _notice(self, request: web.Request, lang: str, reason: str, status: int) -> web.Response:
+        message = self._texts(lang).get(reason) or self._texts(lang)["failed"]
+        return self._html(request, lang, "notice", message, "link", None, None, status)
+
+    def _html(
+        self,
+        request: web.Request,
+        lang: str,
+        state: str,
+        notice: str,
+        mode: str,
+        case_id: str | None,
+        item_title: str | None,
+        status: int,
+    ) -> web.Response:
+        translator = self.app.translator
+
+        def say(key: str, **params: Any) -> str:
+            return html.escape(translator.text(lang, Text(f"upload.page.{key}", params)))
+
+        router = request.app.router
+        api = str(router["status"].url_for()).removesuffix("status")
+        config = {
+            "state": state,
+            "mode": mode,
+            "case": case_id,
+            "lang": lang,
+            "api": api,
+            "part_size": PART_SIZE,
+            "text": self._texts(lang),
+        }
+        # JSON inside <script type="application/json">: data, never run; "<" escaped so no
+        # text can close the element.
+        config_json = json.dumps(config, ensure_ascii=False)
+        for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
+            config_json = config_json.replace(char, escaped)
+        body = self.page.substitute(
+            lang=html.escape(lang),
+            dir="rtl" if is_rtl(lang) else "ltr",
+            title=say("title"),
+            for_item=say("for_item", item=Text(item_title)) if item_title else "",
+            item_hidden="" if item_title else " hidden",
+            notice=html.escape(notice),
+            notice_hidden="" if notice else " hidden",
+            controls_hidden="" if state == "upload" else " hidden",
+            intro=say("intro"),
+            pick_files=say("pick_files"),
+            pick_folder=say("pick_folder"),
+            keep_open=say("keep_open"),
+            config=config_json,
+            state=state,
+            script=str(router["page.js"].url_for()),
+            style=str(router["page.css"].url_for()),
+        )
+        return web.Response(text=body, content_type="text/html", charset="utf-8", status=status)
+
+
+def make_upload_app(app: App, settings: Settings) -> web.Application:
+    """The upload server as an aiohttp sub-application, to mount at ``/upload/``:
+    ``root.add_subapp("/upload/", make_upload_app(app, settings))``. Its start-up resumes
+    interrupted hand-overs and starts the hourly sweep of expired uploads; its clean-up
+    stops them."""
+    server = _UploadServer(app, settings)
+    sub = web.Application(middlewares=[server.guard])
+    sub.router.add_get("/u/{token}", server.link_page, name="link")
+    sub.router.add_get("/app", server.app_page, name="app")
+    for name in _ASSETS:
+        sub.router.add_get(f"/static/{name}", server.asset, name=name)
+    sub.router.add_get("/api/status", server.status, name="status")
+    sub.router.add_post("/api/files", server.declare, name="files")
+    sub.router.add_put(r"/api/files/{file:\d{1,6}}/chunks/{index:\d{1,6}}", server.put_chunk)
+    sub.router.add_post("/api/finish", server.finish, name="finish")
+    sub.on_startup.append(server.on_startup)
+    sub.on_cleanup.append(server.on_cleanup)
+    return sub

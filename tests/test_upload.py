@@ -1,0 +1,754 @@
+"""The web upload (bot.upload, adapters.uploads) on a real App: SQLite, vault, service.
+
+The browser tests drive the real page in headless Chromium (Debian's `chromium`, through
+Playwright): a folder of 300 DICOM files, the server stopped and started again mid-upload,
+the page reloaded and the folder picked again; it must finish, having sent only what was
+missing, and the case must hold exactly the bytes picked (a screenshot of the finished page
+is saved under test-artifacts/). The Mini App page with Telegram's signed launch data. The
+others speak HTTP directly: used, expired and foreign links, forged Mini App data, limits,
+headers, a hand-over resumed after a restart, the sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import hmac
+import json
+import logging
+import os
+import runpy
+import shutil
+import socket
+import time
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from aiohttp import web
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+from sqlalchemy import update
+from sqlmodel import col, func, select
+
+from adapters.store import utcnow
+from adapters.tables import CaseRow, FileMemberRow, FileRow, OutboxRow, UploadSessionRow
+from adapters.uploads import PART_SIZE, UploadSession, UploadStore, part_blob_id
+from bot.app import App, build_app, prepare
+from bot.settings import Settings
+from bot.upload import ScrubbedAccessLogger, UploadLinks, check_init_data, make_upload_app
+from core.events import Event, EventKind
+from core.ports import Patient
+from handlers.render import Translator
+from tests.files import pdf_bytes
+from tests.scenario import IDENTITY_STEPS, PATIENT_NAME, apply_steps
+from tests.services import services_required
+
+BOT_TOKEN = "123456789:TEST-upload-token_abcdefghijklmnop"
+COORDINATOR = -100777
+CHAT_A, CHAT_B = 5_550_001, 5_550_002
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"  # gitignored
+# The page's messages, until they are merged into the catalogs (then the catalogs answer).
+MSGS_FILE = Path("/tmp/msgs/upload.py")
+STUDY_FILES = 300
+
+
+# -- the app and its server ------------------------------------------------------------------
+
+
+class _WithPageMessages(Translator):
+    """The catalogs, with the page's keys from MSGS_FILE where the catalogs lack them."""
+
+    def __init__(self, messages: dict[str, dict[str, str]]) -> None:
+        super().__init__()
+        self._messages = messages
+
+    def gettext(self, locale: str, key: str) -> str:
+        message = super().gettext(locale, key)
+        if message == key and key in self._messages:
+            return self._messages[key].get(locale) or self._messages[key]["en"]
+        return message
+
+
+def open_app(settings: Settings) -> App:
+    app = build_app(settings)
+    if MSGS_FILE.exists():
+        app.translator = _WithPageMessages(runpy.run_path(str(MSGS_FILE))["MSGS"])
+    return app
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class UploadServer:
+    """The upload sub-app mounted at /upload/ as the bot's web server mounts it, on its own
+    runner on 127.0.0.1. `delay` slows each chunk a little (a real line is slower than
+    loopback), so the test can stop the server mid-upload."""
+
+    def __init__(self, settings: Settings, port: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.app: App | None = None
+        self.runner: web.AppRunner | None = None
+        self.delay = 0.0
+        self.chunk_puts = 0
+
+    @web.middleware
+    async def _slow_chunks(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.method == "PUT":
+            self.chunk_puts += 1
+            await asyncio.sleep(self.delay)
+        return await handler(request)
+
+    async def start(self) -> App:
+        self.app = open_app(self.settings)
+        root = web.Application(middlewares=[self._slow_chunks])
+        root.add_subapp("/upload/", make_upload_app(self.app, self.settings))
+        self.runner = web.AppRunner(
+            root, access_log_class=ScrubbedAccessLogger, shutdown_timeout=0.5
+        )
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        return self.app
+
+    async def stop(self) -> None:
+        """As a bot restart: the server goes away mid-request, the App is closed."""
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.app is not None:
+            await self.app.close()
+        self.runner = self.app = None
+
+    def links(self) -> UploadLinks:
+        assert self.app is not None
+        return UploadLinks(self.app, self.settings, base_url=self.base_url)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
+        bot_token=BOT_TOKEN,
+        coordinator_chat_id=COORDINATOR,
+    )
+    await asyncio.to_thread(prepare, settings)
+    upload_server = UploadServer(settings, free_port())
+    await upload_server.start()
+    yield upload_server
+    await upload_server.stop()
+
+
+def current(server: UploadServer) -> App:
+    assert server.app is not None
+    return server.app
+
+
+async def collecting_case(app: App, chat_id: int, language: str = "en") -> str:
+    """A patient who consented, chose the general checklist and gave their name and birth
+    date: the case is collecting, as when the bot offers the upload page."""
+    patient = Patient(chat_id, chat_id, language)
+    steps: list[Any] = [
+        Event(EventKind.START),
+        Event(EventKind.AGREE),
+        Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
+    ]
+    await apply_steps(app, patient, steps, chat_id * 100)
+    async with app.store.reader() as session:
+        case = (await session.exec(select(CaseRow).where(CaseRow.chat_id == chat_id))).one()
+    assert case.state == "collecting"
+    return case.id
+
+
+async def count(app: App, model: type, *where: Any) -> int:
+    async with app.store.reader() as session:
+        query = select(func.count()).select_from(model)
+        for condition in where:
+            query = query.where(condition)
+        return int((await session.exec(query)).one())
+
+
+def vault_files(app: App) -> set[str]:
+    return {path.name for path in (app.vault.root / "blobs").rglob("*") if path.is_file()}
+
+
+async def session_of(app: App, link: str) -> UploadSession:
+    store = UploadStore(app.store, app.vault, app.store.keys)
+    return await store.by_token(link.rsplit("/", 1)[1], complete_ok=True)
+
+
+def bearer(link: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {link.rsplit('/', 1)[1]}"}
+
+
+def text(app: App, key: str, locale: str = "en") -> str:
+    return app.translator.gettext(locale, f"upload.page.{key}")
+
+
+def signed_init_data(
+    user_id: int, bot_token: str = BOT_TOKEN, auth_date: float | None = None
+) -> str:
+    """Mini App launch data signed as Telegram signs it (core.telegram.org/bots/webapps)."""
+    fields = {
+        "query_id": "AAHdF6IQAAAAAN0XohDhrOrc",
+        "user": json.dumps({"id": user_id, "first_name": "Ann"}, separators=(",", ":")),
+        "auth_date": str(int(auth_date if auth_date is not None else time.time())),
+    }
+    check = "\n".join(f"{key}={value}" for key, value in sorted(fields.items()))
+    secret = hmac.new(b"WebAppData", bot_token.encode(), hashlib.sha256).digest()
+    fields["hash"] = hmac.new(secret, check.encode(), hashlib.sha256).hexdigest()
+    return urlencode(fields)
+
+
+# -- a study on "CD" -------------------------------------------------------------------------
+
+
+def write_study(folder: Path, files: int) -> list[Path]:
+    """A CD copy: pydicom's bundled CT and MR examples as templates, each file its own
+    SOPInstanceUID, one study, named for the test patient; CD-style names, no extension."""
+    templates = [dcmread(str(get_testdata_file(name))) for name in ("CT_small.dcm", "MR_small.dcm")]
+    study, series = generate_uid(), [generate_uid(), generate_uid()]
+    (folder / "DICOM").mkdir(parents=True)
+    paths = []
+    for number in range(files):
+        dataset = copy.deepcopy(templates[number % 2])
+        uid = generate_uid()
+        dataset.SOPInstanceUID = uid
+        dataset.file_meta.MediaStorageSOPInstanceUID = uid
+        dataset.StudyInstanceUID = study
+        dataset.SeriesInstanceUID = series[number % 2]
+        dataset.InstanceNumber = number + 1
+        dataset.PatientName = PATIENT_NAME.replace(" ", "^")
+        dataset.PatientBirthDate = "19800131"
+        path = folder / "DICOM" / f"IM{number:05d}"
+        dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def chromium() -> str:
+    """Debian's chromium for Playwright; skip with the reason if it (or Playwright) is
+    missing, fail instead under REQUIRE_SERVICES=1."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        found, missing = None, "the playwright package is not installed (pip install -e '.[dev]')"
+    else:
+        missing = "Debian's chromium is not installed (apt-get install chromium)"
+    if found:
+        return found
+    if services_required():
+        pytest.fail(missing + " and REQUIRE_SERVICES=1")
+    pytest.skip(missing)
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+# -- the browser test ------------------------------------------------------------------------
+
+
+async def test_page_uploads_a_cd_folder_through_a_restart_and_a_reload(
+    server: UploadServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    caplog.set_level(logging.DEBUG)
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    token = link.rsplit("/", 1)[1]
+    sent = write_study(tmp_path / "CD", STUDY_FILES)
+    upload = await session_of(app, link)
+
+    async def stored_parts() -> int:
+        store = UploadStore(
+            current(server).store, current(server).vault, current(server).store.keys
+        )
+        fresh = await store.get(upload.id)
+        return sum(len(have) for have in (await asyncio.to_thread(store.received, fresh)).values())
+
+    server.delay = 0.02
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        page = await browser.new_page(locale="en-US")
+        try:
+            await page.goto(link)
+            await page.wait_for_selector("body[data-state=ready]")
+            assert await page.inner_text("h1") == text(app, "title")
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+
+            # 1. The bot restarts mid-upload: the page waits, says so, and carries on.
+            await until(lambda: _at_least(stored_parts, 40), 60, "40 chunks stored")
+            await server.stop()
+            await page.wait_for_function(
+                "t => document.getElementById('notice').textContent === t",
+                arg=text(app, "retrying"),
+                timeout=15_000,
+            )
+            app = await server.start()
+            await until(lambda: _at_least(stored_parts, 120), 60, "120 chunks stored")
+
+            # 2. The page is reloaded: the files are picked again, only the rest is sent.
+            await page.reload()
+            await page.wait_for_selector("body[data-state=ready]")
+            assert "%" in await page.inner_text("#notice")  # "NN% of this upload is saved"
+            already = await stored_parts()
+            assert already >= 120
+            server.chunk_puts, server.delay = 0, 0.0
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+            await page.wait_for_selector("body[data-state=complete]", timeout=180_000)
+            assert server.chunk_puts <= STUDY_FILES - already, "stored chunks were sent again"
+            print(f"\n{already} chunks stored before the reload, {server.chunk_puts} sent after")
+            assert await page.inner_text("#notice") == text(app, "done")
+            ARTIFACTS.mkdir(exist_ok=True)
+            shot = ARTIFACTS / "upload-finished.png"
+            await page.screenshot(path=str(shot), full_page=False)
+            print(f"\nscreenshot of the finished page: {shot}")
+        finally:
+            await browser.close()
+
+    # The case holds exactly the bytes picked: one ZIP (the CD) whose members are the files.
+    async with app.store.reader() as session:
+        files = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+        members = (
+            await session.exec(select(FileMemberRow).where(FileMemberRow.case_id == case_id))
+        ).all()
+        row = (
+            await session.exec(select(UploadSessionRow).where(UploadSessionRow.id == upload.id))
+        ).one()
+    assert [(f.item_key, f.unique_id) for f in files] == [("imaging", f"web:{upload.id}.0")]
+    assert row.state == "complete" and row.manifest_enc is None
+    key = app.store.keys.case_key(case_id, (await _wrapped(app, case_id)))
+    with app.vault.reader(files[0].blob_id, key) as reader, zipfile.ZipFile(reader) as archive:
+        names = sorted(archive.namelist())
+        assert names == sorted(f"DICOM/{path.name}" for path in sent)
+        for path in sent:
+            assert archive.read(f"DICOM/{path.name}") == path.read_bytes()
+    assert sorted(m.sha256 for m in members) == sorted(
+        hashlib.sha256(path.read_bytes()).hexdigest() for path in sent
+    )
+    assert not [name for name in vault_files(app) if name.startswith(f"u{upload.id}")]
+    # The service answered the patient in the chat.
+    assert await count(app, OutboxRow, OutboxRow.chat_id == CHAT_A) > 0
+    # No plaintext anywhere on disk: a scan's unique id is in no file under DATA_DIR.
+    marker = str(dcmread(sent[7]).SOPInstanceUID).encode()
+    for path in (tmp_path / "data").rglob("*"):
+        if path.is_file():
+            assert marker not in path.read_bytes(), path
+    # The token never reached a log (the access log included).
+    assert token not in caplog.text
+    assert "/upload/u/…" in caplog.text
+
+    # The link is spent: the page says so, and nothing more can be stored with it.
+    before = (await count(app, FileRow), vault_files(app))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(link) as response:
+            assert response.status == 410
+            assert text(app, "used") in await response.text()
+        async with http.post(
+            f"{server.base_url}/upload/api/files",
+            json={"files": [{"path": "x.pdf", "size": 3, "modified": 0}]},
+            headers=bearer(link),
+        ) as response:
+            assert response.status == 410
+        async with http.put(
+            f"{server.base_url}/upload/api/files/0/chunks/0", data=b"abc", headers=bearer(link)
+        ) as response:
+            assert response.status == 410
+    assert (await count(app, FileRow), vault_files(app)) == before
+
+
+async def _at_least(stored: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await stored() >= n
+
+
+async def _wrapped(app: App, case_id: str) -> bytes:
+    async with app.store.reader() as session:
+        case = await session.get(CaseRow, case_id)
+    assert case is not None
+    return case.wrapped_key
+
+
+# -- the protocol, without a browser -------------------------------------------------------
+
+
+async def put_file(
+    http: aiohttp.ClientSession, base: str, headers: dict[str, str], data: bytes, name: str
+) -> tuple[int, int]:
+    """Declare one file and send its chunks as the page does; (status of the last answer,
+    file id)."""
+    async with http.post(
+        f"{base}/upload/api/files",
+        json={
+            "files": [{"path": name, "size": len(data), "type": "application/pdf", "modified": 1}]
+        },
+        headers=headers,
+    ) as response:
+        if response.status != 200:
+            return response.status, -1
+        file_id = (await response.json())["files"][0]["id"]
+    status = 200
+    for index in range(-(-len(data) // PART_SIZE)):
+        chunk = data[index * PART_SIZE : (index + 1) * PART_SIZE]
+        async with http.put(
+            f"{base}/upload/api/files/{file_id}/chunks/{index}", data=chunk, headers=headers
+        ) as response:
+            status = response.status
+    return status, file_id
+
+
+async def finish_and_wait(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:
+    async with http.post(f"{url}/finish", json={}, headers=headers) as response:
+        assert response.status == 200, await response.text()
+    for _ in range(600):
+        async with http.get(f"{url}/status", headers=headers) as response:
+            if (await response.json())["state"] == "complete":
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the hand-over did not complete")
+
+
+async def test_a_file_goes_through_the_intake_once_and_the_link_is_then_spent(
+    server: UploadServer,
+) -> None:
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "referral", CHAT_A)
+    letter = pdf_bytes(["Referral from Dr Example"])
+    api = f"{server.base_url}/upload/api"
+    async with aiohttp.ClientSession() as http:
+        status, _ = await put_file(http, server.base_url, bearer(link), letter, "referral.pdf")
+        assert status == 200
+        # A chunk sent twice (its answer was lost) is stored once.
+        async with http.put(f"{api}/files/0/chunks/0", data=letter, headers=bearer(link)) as resp:
+            assert resp.status == 200 and (await resp.json())["new"] is False
+        await finish_and_wait(http, api, bearer(link))
+        # The finish arriving again (a retry) changes nothing.
+        async with http.post(f"{api}/finish", json={}, headers=bearer(link)) as response:
+            assert (await response.json())["state"] == "complete"
+    async with app.store.reader() as session:
+        files = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+    assert [(f.item_key, f.size, f.mime) for f in files] == [
+        ("referral", len(letter), "application/pdf")
+    ]
+    key = app.store.keys.case_key(case_id, await _wrapped(app, case_id))
+    with app.vault.reader(files[0].blob_id, key) as reader:
+        assert reader.read() == letter
+    # The service answered in the chat, naming nothing of the file in clear in the outbox.
+    async with app.store.reader() as session:
+        replies = (
+            await session.exec(select(OutboxRow.payload).where(OutboxRow.chat_id == CHAT_A))
+        ).all()
+    assert replies and all("referral.pdf" not in payload for payload in replies)
+
+
+async def test_a_hand_over_cut_by_a_restart_resumes_when_the_server_starts(
+    server: UploadServer,
+) -> None:
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "referral", CHAT_A)
+    letter = pdf_bytes(["Referral, resumed"])
+    async with aiohttp.ClientSession() as http:
+        status, _ = await put_file(http, server.base_url, bearer(link), letter, "letter.pdf")
+        assert status == 200
+    # Every chunk is in and the upload is closed, then the bot stops before the hand-over.
+    upload = await session_of(app, link)
+    await UploadStore(app.store, app.vault, app.store.keys).start_finishing(upload)
+    await server.stop()
+    app = await server.start()
+
+    async def complete() -> bool:
+        return (await session_of(current(server), link)).state == "complete"
+
+    await until(complete, 60, "the hand-over to resume")
+    assert await count(app, FileRow, FileRow.case_id == case_id) == 1
+
+
+async def test_expired_forged_and_foreign_access_is_refused_and_stores_nothing(
+    server: UploadServer,
+) -> None:
+    app = current(server)
+    case_a = await collecting_case(app, CHAT_A)
+    case_b = await collecting_case(app, CHAT_B, language="ar")
+    links = server.links()
+    expired = await links.issue_link(case_a, "imaging", CHAT_A)
+    async with app.store.session() as session:
+        await session.exec(
+            update(UploadSessionRow)
+            .where(
+                col(UploadSessionRow.token_hash)
+                == hashlib.sha256(expired.rsplit("/", 1)[1].encode()).hexdigest()
+            )
+            .values(expires_at=utcnow() - timedelta(minutes=1))
+        )
+    with pytest.raises(Exception, match="invalid"):  # B's case is not A's chat's to open
+        await links.issue_link(case_b, "imaging", CHAT_A)
+    before = (await count(app, FileRow), vault_files(app))
+    api = f"{server.base_url}/upload/api"
+    async with aiohttp.ClientSession() as http:
+        # Expired: a clear page in the patient's language, and the API refuses.
+        async with http.get(expired) as response:
+            assert response.status == 410
+            assert text(app, "expired") in await response.text()
+        status, _ = await put_file(http, server.base_url, bearer(expired), b"%PDF-1.4", "a.pdf")
+        assert status == 410
+        # A made-up token, and one of the right shape: "not valid", in the default language.
+        for bogus in ("nope", "A" * 43):
+            async with http.get(f"{server.base_url}/upload/u/{bogus}") as response:
+                assert response.status == 404
+                assert text(app, "invalid") in await response.text()
+        # Forged Mini App data: wrong signature, another bot's, stale, a changed user.
+        fine = signed_init_data(CHAT_A)
+        forged = [
+            fine[:-4] + ("0000" if not fine.endswith("0000") else "1111"),
+            signed_init_data(CHAT_A, bot_token="987654321:ANOTHER-bots-token_xyz"),
+            signed_init_data(CHAT_A, auth_date=time.time() - 2 * 86400),
+            fine.replace(f"%22id%22%3A{CHAT_A}", f"%22id%22%3A{CHAT_B}"),
+        ]
+        for init_data in forged:
+            headers = {"Authorization": f"tma {init_data}"}
+            async with http.get(f"{api}/status?case={case_a}", headers=headers) as response:
+                assert response.status == 401, init_data
+        # Genuine data of A, but B's case: A has no upload there.
+        headers = {"Authorization": f"tma {fine}"}
+        link_b = await links.issue_link(case_b, "imaging", CHAT_B)
+        async with http.get(f"{api}/status?case={case_b}", headers=headers) as response:
+            assert response.status == 401
+        async with http.post(
+            f"{api}/files?case={case_b}",
+            json={"files": [{"path": "x.pdf", "size": 8, "modified": 0}]},
+            headers=headers,
+        ) as response:
+            assert response.status == 401
+        # A's link names A's case whatever the request says: "?case=" does not move it.
+        a_link = await links.issue_link(case_a, "imaging", CHAT_A)
+        async with http.post(
+            f"{api}/files?case={case_b}",
+            json={"files": [{"path": "x.pdf", "size": 8, "modified": 0}]},
+            headers=bearer(a_link),
+        ) as response:
+            assert response.status == 200
+        assert len((await session_of(app, a_link)).files) == 1
+        # ... while B's own Mini App data reaches B's upload (and A's reaches nothing here).
+        own = {"Authorization": f"tma {signed_init_data(CHAT_B)}"}
+        async with http.get(f"{api}/status?case={case_b}", headers=own) as response:
+            assert response.status == 200 and (await response.json())["state"] == "open"
+        async with http.get(f"{server.base_url}/upload/app?case={case_b}") as response:
+            page = await response.text()
+            assert response.status == 200 and 'dir="rtl"' in page and 'lang="ar"' in page
+            assert text(app, "title", "ar") in page
+    assert (await count(app, FileRow), vault_files(app)) == before
+    assert (await session_of(app, link_b)).files == ()
+
+
+async def test_limits_headers_and_no_listing(server: UploadServer) -> None:
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api = f"{server.base_url}/upload/api"
+    headers = bearer(link)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(link) as response:
+            assert response.status == 200
+            csp = response.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+            assert "unsafe-inline" not in csp
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert response.headers["Referrer-Policy"] == "no-referrer"
+            assert response.headers["Cache-Control"] == "no-store"
+            assert "<script>" not in await response.text()  # no inline script
+        async with http.get(f"{server.base_url}/upload/app?case={case_id}") as response:
+            csp = response.headers["Content-Security-Policy"]
+            assert "frame-ancestors https://web.telegram.org https://*.telegram.org" in csp
+        for path in ("/upload/static/", "/upload/static/../upload.py", "/upload/", "/upload/u/"):
+            async with http.get(server.base_url + path) as response:
+                assert response.status == 404, path
+        # Over the case's cap (4 GB by default): refused before a byte is sent.
+        huge = [{"path": f"CD/f{i}", "size": 2 * 1024**3, "modified": 0} for i in range(3)]
+        async with http.post(f"{api}/files", json={"files": huge}, headers=headers) as response:
+            assert response.status == 413
+        # Names are data: whatever the path, no file is created from it.
+        async with http.post(
+            f"{api}/files",
+            json={"files": [{"path": "../../etc/passwd", "size": 10, "modified": 0}]},
+            headers=headers,
+        ) as response:
+            assert response.status == 200
+        # A chunk must be exactly as long as declared: shorter, longer, chunked: refused.
+        for body in (b"x" * 9, b"x" * 11):
+            async with http.put(f"{api}/files/0/chunks/0", data=body, headers=headers) as resp:
+                assert resp.status == 400
+        async with http.put(f"{api}/files/0/chunks/1", data=b"x" * 10, headers=headers) as resp:
+            assert resp.status == 400
+
+        async def chunked() -> AsyncIterator[bytes]:
+            yield b"x" * 10
+
+        async with http.put(f"{api}/files/0/chunks/0", data=chunked(), headers=headers) as resp:
+            assert resp.status == 400
+        async with http.put(
+            f"{api}/files/0/chunks/0", data=b"x" * PART_SIZE + b"x", headers=headers
+        ) as resp:
+            assert resp.status == 400
+    upload = await session_of(app, link)
+    assert upload.files[0].path == "etc/passwd"
+    assert not (app.vault.root.parent / "etc").exists()
+    assert not app.vault.exists(part_blob_id(upload.id, 0, 0))
+    assert os.listdir(app.vault.tmp_dir) == []
+
+
+async def test_guessing_tokens_is_rate_limited_without_locking_patients_out(
+    server: UploadServer,
+) -> None:
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for attempt in range(14):
+            async with http.get(f"{server.base_url}/upload/u/{'B' * 42}{attempt:02d}") as response:
+                statuses.append(response.status)
+        assert statuses[:10] == [404] * 10
+        assert statuses[-1] == 429
+        wrong = {"Authorization": "Bearer " + "C" * 43}
+        async with http.get(f"{server.base_url}/upload/api/status", headers=wrong) as response:
+            assert response.status == 429 and "Retry-After" in response.headers
+        # Behind a proxy every patient shares an address: a real link still works.
+        async with http.get(link) as response:
+            assert response.status == 200
+        async with http.get(f"{server.base_url}/upload/api/status", headers=bearer(link)) as resp:
+            assert resp.status == 200
+
+
+def test_init_data_is_checked_as_telegram_documents() -> None:
+    now = time.time()
+    assert check_init_data(signed_init_data(42, auth_date=now), BOT_TOKEN, now) == 42
+    assert check_init_data(signed_init_data(42, auth_date=now), BOT_TOKEN[:-1] + "x", now) is None
+    old = signed_init_data(42, auth_date=now - 90_000)
+    assert check_init_data(old, BOT_TOKEN, now) is None
+    assert check_init_data(old, BOT_TOKEN, now, max_age=100_000) == 42
+    future = signed_init_data(42, auth_date=now + 3600)
+    assert check_init_data(future, BOT_TOKEN, now) is None
+    assert check_init_data("", BOT_TOKEN, now) is None
+    assert check_init_data("hash=" + "0" * 64, BOT_TOKEN, now) is None
+    doubled = signed_init_data(42, auth_date=now) + "&user=%7B%22id%22%3A7%7D"
+    assert check_init_data(doubled, BOT_TOKEN, now) is None
+
+
+def test_a_folder_becomes_one_zip_and_many_loose_files_too() -> None:
+    from adapters.uploads import ManifestFile, plan_handover
+
+    folder = [ManifestFile(i, f"CD/DICOM/IM{i}", 10, None, 0) for i in range(3)]
+    loose = [ManifestFile(10 + i, f"scan{i}.pdf", 10, "application/pdf", 0) for i in range(2)]
+    units = plan_handover(folder + loose)
+    assert [(u.name, u.zipped, len(u.files)) for u in units] == [
+        ("CD.zip", True, 3),
+        ("scan0.pdf", False, 1),
+        ("scan1.pdf", False, 1),
+    ]
+    many = [ManifestFile(i, f"IM{i}.dcm", 10, None, 0) for i in range(40)]
+    assert [(u.name, u.zipped) for u in plan_handover(many)] == [("files.zip", True)]
+
+
+async def test_the_sweep_expires_uploads_and_clears_what_an_erasure_left(
+    server: UploadServer,
+) -> None:
+    app = current(server)
+    store = UploadStore(app.store, app.vault, app.store.keys)
+    sessions = {}
+    for chat_id in (CHAT_A, CHAT_B):
+        case_id = await collecting_case(app, chat_id)
+        link = await server.links().issue_link(case_id, "imaging", chat_id)
+        async with aiohttp.ClientSession() as http:
+            declared = {"files": [{"path": "CD/IM1", "size": 2 * PART_SIZE, "modified": 0}]}
+            async with http.post(
+                f"{server.base_url}/upload/api/files", json=declared, headers=bearer(link)
+            ) as response:
+                assert response.status == 200
+            async with http.put(
+                f"{server.base_url}/upload/api/files/0/chunks/0",
+                data=b"\0" * PART_SIZE,
+                headers=bearer(link),
+            ) as response:
+                assert response.status == 200
+        sessions[chat_id] = (case_id, link, await session_of(app, link))
+    assert all(app.vault.exists(part_blob_id(s.id, 0, 0)) for _, _, s in sessions.values())
+    # A's link runs out; B's case is crypto-erased (its key is gone, its upload unreadable).
+    async with app.store.session() as session:
+        await session.exec(
+            update(UploadSessionRow)
+            .where(col(UploadSessionRow.id) == sessions[CHAT_A][2].id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    async with app.store.transaction() as tx:
+        await tx.erase_case(sessions[CHAT_B][0], None)
+    assert await store.sweep() == 2
+    assert not any(app.vault.exists(part_blob_id(s.id, 0, 0)) for _, _, s in sessions.values())
+    async with app.store.reader() as session:
+        rows = (await session.exec(select(UploadSessionRow))).all()
+    assert [(row.id, row.state, row.manifest_enc) for row in rows] == [
+        (sessions[CHAT_A][2].id, "expired", None)
+    ]
+    async with aiohttp.ClientSession() as http, http.get(sessions[CHAT_A][1]) as response:
+        assert response.status == 410
+        assert text(app, "expired") in await response.text()
+
+
+async def test_the_mini_app_page_uploads_with_telegrams_signed_data(
+    server: UploadServer, tmp_path: Path
+) -> None:
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_B, language="es")
+    await server.links().issue_link(case_id, "referral", CHAT_B)
+    letter = tmp_path / "carta.pdf"
+    letter.write_bytes(pdf_bytes(["Carta de derivación"]))
+    app_url = f"{server.base_url}/upload/app?case={case_id}"
+    launch = urlencode({"tgWebAppData": signed_init_data(CHAT_B), "tgWebAppVersion": "8.0"})
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        try:
+            # Opened outside Telegram (no launch data): it says where to open it.
+            page = await browser.new_page()
+            await page.goto(app_url)
+            await page.wait_for_selector("body[data-state=refused]")
+            assert await page.inner_text("#notice") == text(app, "open_in_telegram", "es")
+            # As Telegram opens it: the signed data in the fragment.
+            page = await browser.new_page()
+            await page.goto(f"{app_url}#{launch}")
+            await page.wait_for_selector("body[data-state=ready]")
+            assert await page.inner_text("h1") == text(app, "title", "es")
+            await page.set_input_files("#pick-files", str(letter))
+            await page.wait_for_selector("body[data-state=complete]", timeout=60_000)
+        finally:
+            await browser.close()
+    async with app.store.reader() as session:
+        files = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+    assert [(f.item_key, f.size) for f in files] == [("referral", letter.stat().st_size)]
