@@ -121,9 +121,18 @@ async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
     from bot.app import build_app
 
     if args.command in {"run", "webhook"}:
+        from aiogram.exceptions import TelegramAPIError
+
         from bot.polling import serve
 
-        await serve(settings, webhook=args.command == "webhook")
+        try:
+            await serve(settings, webhook=args.command == "webhook")
+        except TelegramAPIError as exc:
+            # The token refused, the Bot API unreachable, setWebhook refused (not HTTPS, a
+            # port Telegram does not call...): the operator gets Telegram's own words on one
+            # line, not a trace. Its text names settings, never a patient.
+            print(f"care-companion: the Bot API refused: {exc}", file=sys.stderr)
+            return 1
         return 0
     app = build_app(settings)
     try:

@@ -17,7 +17,11 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # env_ignore_empty: .env.example ships `NAME=` lines to fill in; an empty one means
+    # "not set" (the default applies), not a malformed value.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     bot_token: str | None = None
     telegram_api_base_url: str = "https://api.telegram.org"

@@ -22,7 +22,7 @@ from adapters.migrate import SchemaTooNewError, alembic_config, upgrade
 from adapters.tables import CaseRow, FileMemberRow, FileRow
 from bot import doctor
 from bot.app import App, build_app, prepare
-from bot.settings import Settings
+from bot.settings import Settings, load_settings
 from core.ports import Patient
 from tests.emulator import BotApiEmulator
 from tests.scenario import PATIENT_NAME, apply_steps, default_steps, walk_to_complete
@@ -194,6 +194,21 @@ def test_doctor_command_reports_a_bad_setting_as_a_failed_check(tmp_path: Path) 
         "FAIL  settings: setting LOG_LEVEL is invalid: "
         "Value error, expected DEBUG, INFO, WARNING or ERROR"
     ]
+
+
+def test_the_shipped_env_example_loads_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newcomer copies .env.example to .env: its empty `NAME=` lines mean "not set"."""
+    example = Path(__file__).resolve().parent.parent / ".env.example"
+    shutil.copy(example, tmp_path / ".env")
+    monkeypatch.chdir(tmp_path)
+    for name in ("BOT_TOKEN", "DATABASE_URL", "COORDINATOR_CHAT_ID", "COORDINATOR_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = load_settings()
+    assert settings.bot_token is None and settings.coordinator_chat_id is None
+    assert settings.coordinator_ids == () and settings.telegram_local_path_map is None
+    assert settings.db_url.startswith("sqlite:///") and settings.reminder_days == (1, 3, 7)
 
 
 # ------------------------------------------------------------------ backup and restore

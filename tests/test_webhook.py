@@ -363,3 +363,34 @@ async def test_emulator_delivers_like_telegram(emulator: BotApiEmulator) -> None
         assert later not in [update_id for update_id, _ in received]
         status, updates = await api(emulator, "getUpdates")
         assert status == 200 and [u["update_id"] for u in updates] == [later]
+
+
+async def test_a_refused_start_is_one_line_not_a_trace(
+    emulator: BotApiEmulator, tmp_path: Path
+) -> None:
+    """The Bot API refuses the token (run) or the webhook address (webhook): the operator
+    reads Telegram's reason on one line and the process exits 1."""
+    from tests.test_shell_and_cli import run_cli
+
+    settings = {
+        "TELEGRAM_API_BASE_URL": emulator.base_url,
+        "WEB_BASE_URL": "https://bot.example.org",
+        "WEBHOOK_SECRET": SECRET,
+        "WEB_PORT": str(free_port()),
+    }
+    wrong_token = {**settings, "BOT_TOKEN": "123:not-the-token"}
+    refused = await asyncio.to_thread(run_cli, tmp_path, "run", env=wrong_token)
+    emulator.faults.fail_next(
+        "setWebhook",
+        400,
+        description="Bad Request: bad webhook: "
+        "Webhook can be set up only on ports 80, 88, 443 or 8443",
+    )
+    hook = {**settings, "BOT_TOKEN": emulator.token}
+    rejected = await asyncio.to_thread(run_cli, tmp_path, "webhook", env=hook)
+
+    for result, reason in ((refused, "Unauthorized"), (rejected, "ports 80, 88, 443 or 8443")):
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("care-companion: the Bot API refused:") and reason in last
