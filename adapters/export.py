@@ -114,6 +114,7 @@ MESSAGE_KEYS = (
     "export.manifest.note.duplicate",
     "export.manifest.note.from_cd",
     "export.manifest.note.password",
+    "export.manifest.note.sent_as",
     "export.manifest.answers",
     "export.manifest.translated",
     "export.manifest.is_translation",
@@ -191,8 +192,9 @@ class _Source:
     size: int
     sha256: str = ""
     kind: str = "other"
-    name: str | None = None
+    name: str | None = None  # as the patient sent it: in the (encrypted) manifest only
     position: int = 0  # 1-based within the item, for names like referral-2.pdf
+    is_translation: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
     password: str | None = None
     from_cd: str | None = None  # the uploaded ZIP's name, for its members
@@ -370,7 +372,8 @@ async def _load_case(
         for file in sorted(attached, key=lambda f: f.created_at):
             source = _Source(file.id, item, "accepted", file.created_at, file.blob_id, file.size)
             source.sha256, source.kind = file.sha256, file.kind
-            source.name = f"translation - {decrypt(file.name_enc, 'file-name') or key}"
+            source.name = decrypt(file.name_enc, "file-name")
+            source.is_translation = True
             sources.append(source)
             notes[file.id] = render("export.manifest.is_translation", {})
         if attached:
@@ -397,7 +400,7 @@ def _write_bundle(
     """The archive under a temporary name next to `final`, fsynced, and what it holds."""
     sources, dicomdir = _index_dicom(vault, case, render)
     dicom_root = dicomdir[0].rsplit("/", 1)[0] if dicomdir else None
-    _name_files(sources, dicom_root)
+    _name_files(sources)
     entries = _entries(sources, render, translations)
     manifest = _manifest_pdf(case, entries, dicom_root, render)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
@@ -576,28 +579,19 @@ def _dicomdir_bytes(file_set: FileSet) -> bytes:
 # -- names ------------------------------------------------------------------------------
 
 
-def _name_files(sources: list[_Source], dicom_root: str | None) -> None:
-    """Give every source the DICOMDIR does not index a unique, safe name in its item folder."""
-    used: dict[str, set[str]] = {}
-    if dicom_root is not None:
-        used[dicom_root.rsplit("/", 1)[0]] = {DICOM_FOLDER.casefold()}
+def _name_files(sources: list[_Source]) -> None:
+    """Give every source the DICOMDIR does not index a neutral name in its item folder
+    (referral-2.pdf, referral-3-translation.pdf). Not the name the patient sent: AES-ZIP
+    encrypts contents, but every entry's name stays readable to anyone holding the file,
+    and names like "Zhang Wei CT report.pdf" are common. The manifest, encrypted, gives
+    each file's original name."""
     for source in sources:
         if source.path:
             continue
-        extension = _extension(source)
-        fallback = f"{source.item.key}-{source.position}.{extension}"
-        name = safe_component(source.name or "", fallback)
-        if not PurePosixPath(name).suffix:
-            name = safe_component(f"{name}.{extension}", fallback)
-        taken = used.setdefault(source.item.folder, set())
-        stem, suffix = PurePosixPath(name).stem, PurePosixPath(name).suffix
-        unique, counter = name, 2
-        # Compared without case: Windows and macOS would see one file where Linux sees two.
-        while unique.casefold() in taken:
-            unique = safe_component(f"{stem} ({counter}){suffix}", f"{counter}-{fallback}")
-            counter += 1
-        taken.add(unique.casefold())
-        source.path = f"{source.item.folder}/{unique}"
+        role = "-translation" if source.is_translation else ""
+        name = f"{source.item.key}-{source.position}{role}.{_extension(source)}"
+        # Item keys and positions are unique per folder, so no two names can meet.
+        source.path = f"{source.item.folder}/{name}"
 
 
 def _extension(source: _Source) -> str:
@@ -636,6 +630,8 @@ def _entry(group: list[_Source], render: Render, translations: dict[str, str]) -
     notes = [note for source in group for note in source.notes]
     if first.from_cd:
         notes.append(render("export.manifest.note.from_cd", {"name": first.from_cd}))
+    if first.name and first.study_dir is None:  # an indexed study is named by its folder
+        notes.append(render("export.manifest.note.sent_as", {"name": first.name}))
     if first.password:  # the file stays as sent, locked: the hospital needs its password
         notes.append(render("export.manifest.note.password", {"password": first.password}))
     pages = first.metadata.get("page_count") if first.kind == "pdf" else None
