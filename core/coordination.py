@@ -533,7 +533,10 @@ def preview_groups(item: ItemView) -> list[tuple[str, list[str]]]:
 def preview_caption(view: CaseView, index: int, kind: str, n: int, of: int) -> Reply:
     title = _item_title(view.items[index])
     params = {"case_id": Verbatim(view.case_id[:8]), "title": title, "kind": _kind(kind)}
-    return reply(Text("coordinator.preview_caption", {**params, "n": n, "of": of}))
+    caption = Text("coordinator.preview_caption", {**params, "n": n, "of": of})
+    if kind == "dicom":  # the contact sheet's marks, explained in the coordinator's language
+        return reply(caption, Text("coordinator.preview_legend_dicom"))
+    return reply(caption)
 
 
 def export_ready_reply(case_id: str, files: int) -> Reply:

@@ -270,10 +270,6 @@ def _plain(text: str) -> str:
     return " ".join("".join(c for c in text if " " <= c <= "~").split())
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
 def _series_rows(
     sources: Sequence[Source], per_series: int, max_series: int
 ) -> tuple[list[_Row], list[str]]:
@@ -294,20 +290,20 @@ def _series_rows(
         members.sort(key=lambda h: (h.number is None, h.number or 0, h.index))
         first = members[0]
         number = "?" if first.series_number is None else str(first.series_number)
-        parts = [f"Series {number}", first.modality, first.description]
-        parts.append(_plural(len(members), "image"))
-        label = " - ".join(p for p in (_plain(p) for p in parts) if p)
+        parts = [f"#{number}", first.modality, first.description, f"[{len(members)}]"]
+        label = "  ".join(p for p in (_plain(p) for p in parts) if p)
         rows.append(_Row(label, [sources[h.index] for h in _evenly(members, per_series)]))
+    # The sheet carries no words of ours, only numbers and the files' own codes: it is made
+    # in a worker for a coordinator of any language, and the legend of these marks travels
+    # in the photo's caption, from the catalog (coordinator.preview_legend_dicom).
     if unreadable:
-        label = f"Unreadable: {_plural(len(unreadable), 'file')}"
-        rows.append(_Row(label, unreadable[:per_series]))
+        rows.append(_Row(f"?  [{len(unreadable)}]", unreadable[:per_series]))
     footer: list[str] = []
     hidden = ordered[max_series:]
     if hidden:
-        count = sum(len(s) for s in hidden)
-        footer.append(f"+ {len(hidden)} more series ({_plural(count, 'image')})")
+        footer.append(f"+{len(hidden)} #  [{sum(len(s) for s in hidden)}]")
     if others:
-        footer.append(f"+ {_plural(others, 'object')} without an image (reports, plans...)")
+        footer.append(f"+{others}  [-]")
     if not rows and not footer:
         raise PreviewError("dicom_no_instances")
     return rows, footer

@@ -487,6 +487,17 @@ async def _alerts(world: World, case_id: str) -> list[str | None]:
         return sorted((await session.exec(query)).all(), key=str)
 
 
+async def test_a_study_preview_comes_with_the_legend_of_its_marks(world: World) -> None:
+    """The CT's contact sheet carries only numbers and the files' own codes; its caption
+    explains them in the coordinator's language (a PDF's preview needs no legend)."""
+    case_id = world.done_case
+    mark = await _last_outbox_id(world)
+    await world.feed(world.press(COORDINATOR, COORDINATOR, world.signed(f"cr:{case_id}:01")))
+    _, sheet = await _outbox_after(world, mark)
+    assert json.loads(_text(world, sheet))["media"]["kind"] == "dicom"
+    assert "coordinator.preview_legend_dicom" in _text(world, sheet)
+
+
 async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
     world: World, tmp_path: Path
 ) -> None:
@@ -503,6 +514,7 @@ async def test_send_back_reopens_the_item_and_the_new_completion_alerts_once(
     # the referral PDF's first page, made at send time: the row holds ids, never pixels
     assert [json.loads(_text(world, p))["media"]["kind"] for p in previews] == ["pdf"]
     assert all(p.chat_id == COORDINATOR for p in previews)
+    assert "coordinator.preview_legend_dicom" not in _text(world, previews[0])
     decisions = {f"{b.action}:{b.arg}" for row in _reply(world, card).buttons for b in row}
     assert world.signed(f"cd:{case_id}:00:bl") in decisions
     assert world.signed(f"cd:{case_id}:00:ok") in decisions
