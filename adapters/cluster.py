@@ -26,10 +26,13 @@ its TTL when its holder dies, and the rate limiter needs Redis anyway.
 
 What a lease cannot rule out: its holder frozen, or cut off from Redis, for longer than the
 TTL while another instance takes the chat (the holder finishes the update in hand, then
-sees `Lease.lost`). The database covers most of that: an update is marked done in the
-transaction that applies it, so once either instance commits, the other's replay is a
-no-op; but two handling the same update at the very same moment could both apply it (the
-"already done" check reads the inbox row before the case row is locked).
+sees `Lease.lost`). The database covers that: an update is marked done in the transaction
+that applies it, and on PostgreSQL that transaction locks the update's inbox row before it
+checks "already done" (adapters.store.SqlTransaction.update_seen), so of two instances
+handling the same update at the very same moment the second waits for the first to commit,
+then finds it done and changes nothing. A chat's messages have no such guard: a sender
+frozen past its lease's TTL may send a message the new holder sends too (alerts excepted:
+they are marked "sending" before their request and never sent again).
 """
 
 from __future__ import annotations
