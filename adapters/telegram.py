@@ -45,7 +45,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col, func, select
 
 from adapters import metrics
-from adapters.cluster import SOLO, ClusterUnavailable, RateLimiter, Solo
+from adapters.cluster import LATE_S, SOLO, ClusterUnavailable, RateLimiter, Solo
 from adapters.media import CaseMedia, PreviewUnavailable
 from adapters.store import SqlStore, utcnow
 from adapters.tables import CardRow, InboxRow, OutboxRow
@@ -556,9 +556,7 @@ class OutboxSender:
         try:
             payload = self._store.outbox_payload(row)
             if "delete_message" in payload:
-                await self._limiter.wait_turn(row.chat_id)
-                if claim is not None:
-                    await self._mark(claim, "sending")
+                await self._turn(row.chat_id, claim)
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
             elif "card" in payload:
                 await self._deliver_card(row.chat_id, row.locale, Reply.from_dict(payload["card"]))
@@ -586,6 +584,19 @@ class OutboxSender:
         await self._finish(row.id, "sent")
         return True
 
+    async def _turn(self, chat_id: int, claim: int | None) -> None:
+        """Wait for the message's turn under the rate limits; an alert (`claim`) is then
+        marked "sending" (see _send_row)."""
+        await self._limiter.wait_turn(chat_id)
+        if claim is None:
+            return
+        marking = time.monotonic()
+        await self._mark(claim, "sending")
+        if time.monotonic() - marking > LATE_S:
+            # The commit was slow (a busy database): sent now, the message would come too
+            # close to the chat's next ones (seen with two instances at load 12). Another turn.
+            await self._limiter.wait_turn(chat_id)
+
     async def _deliver(
         self, chat_id: int, locale: str, reply: Reply, claim: int | None = None
     ) -> None:
@@ -597,9 +608,8 @@ class OutboxSender:
             )
         for index, text in enumerate(rendered.texts):
             last = index == len(rendered.texts) - 1
-            await self._limiter.wait_turn(chat_id)  # each part of a long text counts
-            if claim is not None and index == 0:
-                await self._mark(claim, "sending")  # an alert: see _send_row
+            # Each part of a long text counts; an alert is claimed with its first part.
+            await self._turn(chat_id, claim if index == 0 else None)
             await self._bot.send_message(
                 chat_id,
                 text,

@@ -38,7 +38,10 @@ from adapters.telegram import (
     OutboxSender,
 )
 from bot.app import build_app, prepare
+from bot.polling import RECOVER_EVERY_S, build_runtime
 from bot.settings import Settings
+from core.events import Event, EventKind
+from core.ports import Patient
 from core.replies import Reply, Text, Verbatim, reply
 from tests.botproc import BotProcess
 from tests.emulator import BotApiEmulator, Call, SimUser
@@ -280,6 +283,135 @@ def numbered(n: int) -> Reply:
     return reply(Text("coordinator.export_too_big", {"path": Verbatim(f"#{n}")}))
 
 
+async def test_reminders_and_retention_run_on_one_instance_of_two(
+    tmp_path: Path, namespace: str
+) -> None:
+    """Two instances' runtimes on one database take their periodic turn at the same moment:
+    one of them queues the reminders and erases the expired cases, the other does nothing,
+    and each reminder and each erasure happens once. Again at once: nothing more (the job's
+    lease is kept for 0.9 of its period)."""
+    with fresh_postgres_database() as database_url:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=database_url,
+            bot_token=new_token(),
+            reminder_hours="0-24",
+            retention_days=30,
+        )
+        await asyncio.to_thread(prepare, settings)
+        apps = [build_app(settings) for _ in range(2)]
+        clusters = [RedisCluster(connect(REDIS_URL), namespace) for _ in range(2)]
+        bots = [Bot(settings.bot_token or "") for _ in apps]
+        runtimes = [
+            build_runtime(app, bot, cluster)
+            for app, bot, cluster in zip(apps, bots, clusters, strict=True)
+        ]
+        waiting, expired = range(9_100, 9_108), range(9_200, 9_204)
+        steps = [
+            Event(EventKind.START),
+            Event(EventKind.AGREE),
+            Event(EventKind.CHOOSE_PROCEDURE, "general"),
+            Event(EventKind.TEXT, "Ann Example"),
+            Event(EventKind.TEXT, "31.01.1980"),
+        ]
+        update_ids = itertools.count(1)
+        try:
+            for chat_id in [*waiting, *expired]:
+                patient = Patient(chat_id=chat_id, user_id=chat_id, language_code="en")
+                for step in steps:
+                    await apps[0].service.handle(patient, step, next(update_ids))
+            # Time moved on: the waiting patients idle for two days, the others' cases
+            # closed 40 days ago (past RETENTION_DAYS).
+            idle = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "UPDATE cases SET active_at = now() - interval '2 days'"
+                " WHERE chat_id BETWEEN %s AND %s RETURNING id",
+                waiting[0],
+                waiting[-1],
+            )
+            closed = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "UPDATE cases SET state = 'complete', completed_at = now() - interval '40 days'"
+                " WHERE chat_id BETWEEN %s AND %s RETURNING id",
+                expired[0],
+                expired[-1],
+            )
+            assert (len(idle), len(closed)) == (len(waiting), len(expired))
+            for turn in range(2):
+                sent = await asyncio.gather(*(r.reminders_turn() for r in runtimes))
+                erased = await asyncio.gather(*(r.retention_turn() for r in runtimes))
+                if turn == 0:
+                    assert sorted(sent) == [0, len(waiting)], sent
+                    assert sorted(erased) == [0, len(expired)], erased
+                else:
+                    assert sent == [0, 0] and erased == [0, 0]
+            reminded = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "SELECT chat_id, count(*) FROM outbox WHERE dedup_key LIKE 'reminder:%'"
+                " GROUP BY chat_id",
+            )
+            assert dict(reminded) == dict.fromkeys(waiting, 1)
+            left = await asyncio.to_thread(
+                pg_rows, database_url, "SELECT chat_id FROM cases ORDER BY chat_id"
+            )
+            assert [chat for (chat,) in left] == list(waiting)
+        finally:
+            for bot in bots:
+                await bot.session.close()
+            for app in apps:
+                await app.close()
+            for cluster in clusters:
+                await cluster.close()
+
+
+async def test_two_instances_applying_the_same_update_at_once_apply_it_once(
+    tmp_path: Path,
+) -> None:
+    """What a lease cannot rule out (its holder frozen past the TTL while another instance
+    takes the chat): both handle the same update at the same moment. The inbox row is locked
+    in the transaction that applies it, so the second waits, sees it done, and does nothing:
+    each update's replies are queued once."""
+    with fresh_postgres_database() as database_url:
+        settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+        await asyncio.to_thread(prepare, settings)
+        apps = [build_app(settings) for _ in range(2)]
+        patient = Patient(chat_id=7_001, user_id=7_001, language_code="en")
+
+        async def queued() -> int:
+            rows = await asyncio.to_thread(
+                pg_rows, database_url, "SELECT count(*) FROM outbox WHERE chat_id = %s", 7_001
+            )
+            return int(rows[0][0])
+
+        async def stored(update_id: int) -> int:  # as the webhook or the poller stores it
+            await apps[0].store.store_update(update_id, patient.chat_id, "{}")
+            return update_id
+
+        try:
+            await apps[0].service.handle(patient, Event(EventKind.START), await stored(1))
+            before = await queued()
+            await apps[0].service.handle(patient, Event(EventKind.HELP), await stored(2))
+            per_update = await queued() - before  # what one /help queues, handled alone
+            assert per_update > 0
+            raced = range(3, 33)
+            for update_id in raced:
+                await stored(update_id)
+                await asyncio.gather(
+                    *(app.service.handle(patient, Event(EventKind.HELP), update_id) for app in apps)
+                )
+            assert await queued() - before == per_update * (1 + len(raced))
+            done = await asyncio.to_thread(
+                pg_rows, database_url, "SELECT count(*) FROM inbox WHERE status = 'done'"
+            )
+            assert done[0][0] == 2 + len(raced)
+        finally:
+            for app in apps:
+                await app.close()
+
+
 # -- two bot processes behind a balancer
 
 
@@ -466,8 +598,9 @@ def address(bot: BotProcess) -> str:
     return f"http://127.0.0.1:{bot.env['WEB_PORT']}"
 
 
-async def start_all(emu: BotApiEmulator, bots: list[BotProcess], timeout: float = 90) -> None:
-    """Start the instances together; each is serving once it has registered the webhook."""
+async def start_all(emu: BotApiEmulator, bots: list[BotProcess], timeout: float = 300) -> None:
+    """Start the instances together; each is serving once it has registered the webhook.
+    (Generous: on a busy machine the imports alone, niced, take half a minute.)"""
     mark = len(emu.calls)
     for bot in bots:
         bot.start()
@@ -476,38 +609,48 @@ async def start_all(emu: BotApiEmulator, bots: list[BotProcess], timeout: float 
         for bot in bots:
             assert bot.alive, bot.log()[-3000:]
         if time.monotonic() > deadline:
-            raise TimeoutError("instances not serving in time")
+            tails = "\n---\n".join(bot.log()[-2000:] for bot in bots)
+            raise TimeoutError(f"instances not serving in time:\n{tails}")
         await asyncio.sleep(0.1)
 
 
-async def until(condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def until(condition: Any, progress: Any, stall_s: float = 90.0) -> None:
+    """Wait for `condition()`. A busy machine makes the cluster slow, not stuck: this fails
+    only when `progress()` has not changed for `stall_s` seconds."""
+    last, moved = progress(), time.monotonic()
     while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.1)
+        now, seen = time.monotonic(), progress()
+        if seen != last:
+            last, moved = seen, now
+        elif now - moved > stall_s:
+            raise TimeoutError(f"no progress for {stall_s:.0f} s (at {last!r})")
+        await asyncio.sleep(0.2)
 
 
-def pg_rows(database_url: str, query: str) -> list[tuple[Any, ...]]:
+def pg_rows(database_url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
     import psycopg
 
-    with psycopg.connect(database_url) as conn:
-        return list(conn.execute(query).fetchall())
+    with psycopg.connect(database_url) as conn:  # committed on leaving
+        return list(conn.execute(query, params or None).fetchall())
 
 
-async def quiet(database_url: str, emu: BotApiEmulator, timeout: float = 90) -> None:
-    """Every update delivered and handled, every message sent."""
-    deadline = time.monotonic() + timeout
+async def quiet(database_url: str, emu: BotApiEmulator) -> None:
+    """Every update delivered and handled, every message sent (or, for an alert whose send a
+    kill cut short, given up as unconfirmed by the periodic recovery: RECOVER_EVERY_S)."""
     query = (
         "SELECT (SELECT count(*) FROM inbox WHERE status = 'new')"
         " + (SELECT count(*) FROM outbox WHERE status IN ('pending', 'sending'))"
     )
-    while time.monotonic() < deadline:
+    last, moved = -1, time.monotonic()
+    while True:
         busy = (await asyncio.to_thread(pg_rows, database_url, query))[0][0]
         if busy == 0 and not emu.pending_updates():
             return
+        if busy != last:
+            last, moved = busy, time.monotonic()
+        elif time.monotonic() - moved > RECOVER_EVERY_S + 60:
+            raise TimeoutError(f"the cluster did not settle ({busy} rows waiting)")
         await asyncio.sleep(0.5)
-    raise TimeoutError("the cluster did not settle")
 
 
 async def held_leases(token: str, holder_pid: int, lane: str = "inbox") -> list[int]:
@@ -527,15 +670,16 @@ async def held_leases(token: str, holder_pid: int, lane: str = "inbox") -> list[
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) -> None:
-    """60 patients walk the checklist through two instances in webhook mode behind a
+    """CLUSTER_PATIENTS (30; the issue's 200 runs the same way, slower) patients walk the
+    whole checklist through two instances in webhook mode behind a
     round-robin balancer; one instance is killed in the middle of updates and restarted.
     Afterwards: every update handled exactly once and in each chat's order, every case
     complete and alerted once, no message sent twice (but for one whose send the kill cut
     short, as with one instance), and the rate limits kept by the two together."""
     need_redis()
-    patients_n = 60
+    patients_n = int(os.environ.get("CLUSTER_PATIENTS", "30"))
     with fresh_postgres_database() as database_url:
         token = new_token()
         async with BotApiEmulator(token=token) as emu, Balancer() as balancer:
@@ -563,9 +707,15 @@ async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) ->
                     WalkingPatient(emu, emu.user(20_000 + i, first_name=f"P{i}"))
                     for i in range(patients_n)
                 ]
-                walking = asyncio.gather(*(p.run(i * 0.15) for i, p in enumerate(patients)))
+                walking = asyncio.gather(
+                    *(p.run(i * 4.5 / patients_n, timeout=300) for i, p in enumerate(patients))
+                )
                 total = patients_n * len(WALK)
-                await until(lambda: sum(p.done for p in patients) >= 0.35 * total, 120)
+
+                def steps() -> int:
+                    return sum(p.done for p in patients)
+
+                await until(lambda: steps() >= 0.35 * total, steps)
                 # Mid-update: answering a button hangs at "Telegram", so the victim is
                 # inside handlers (their updates not yet done) when it is killed.
                 emu.faults.delay("answerCallbackQuery", 4.0)
@@ -585,10 +735,9 @@ async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) ->
                 held = await held_leases(token, pid)
                 sending = await held_leases(token, pid, "outbox")
                 await asyncio.sleep(1.0)
-                mark = len(emu.calls)
-                victim.start()
-                await emu.wait_for_call("setWebhook", timeout=90, since=mark)
-                await asyncio.wait_for(walking, timeout=240)
+                await start_all(emu, [victim])  # restarted
+                await until(walking.done, steps)
+                await walking
                 await quiet(database_url, emu)
                 await asyncio.sleep(1.0)  # room for a wrong late message to show up
             finally:
