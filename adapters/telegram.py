@@ -41,6 +41,7 @@ from aiogram.types import (
     WebAppInfo,
 )
 from sqlalchemy import or_
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col, func, select
 
@@ -410,6 +411,10 @@ class _RateLimiter:
         self._next_global = max(now, self._next_global) + 1.0 / GLOBAL_PER_SECOND
 
 
+class ClaimedElsewhere(Exception):
+    """An alert another instance marked "sending" first: it is theirs to send."""
+
+
 class OutboxSender:
     def __init__(
         self,
@@ -576,6 +581,9 @@ class OutboxSender:
             metrics.SEND_RETRIES.labels("unavailable").inc()
             await self._reschedule(row.id, backoff(row.attempts + 1), count=True)
             return False
+        except ClaimedElsewhere:
+            log.warning("alert claimed by another instance outbox=%s", row.id)
+            return True  # that instance sends it (and finishes the row): leave it alone
         except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as exc:
             # The patient blocked the bot or the chat is gone: retrying cannot help.
             log.error("send refused outbox=%s error=%s", row.id, type(exc).__name__)
@@ -591,7 +599,8 @@ class OutboxSender:
         if claim is None:
             return
         marking = time.monotonic()
-        await self._mark(claim, "sending")
+        if not await self._claim(claim):
+            raise ClaimedElsewhere
         if time.monotonic() - marking > LATE_S:
             # The commit was slow (a busy database): sent now, the message would come too
             # close to the chat's next ones (seen with two instances at load 12). Another turn.
@@ -696,12 +705,19 @@ class OutboxSender:
                 row.next_attempt_at = utcnow() + timedelta(seconds=delay)
                 session.add(row)
 
-    async def _mark(self, outbox_id: int, status: str) -> None:
+    async def _claim(self, outbox_id: int) -> bool:
+        """Mark an alert "sending" if it is still pending: False when another instance
+        claimed it first (its sender held the chat's lease after ours expired)."""
         async with self._store.session() as session:
-            row = await session.get(OutboxRow, outbox_id)
-            if row is not None:
-                row.status = status
-                session.add(row)
+            # A compare-and-set in one statement (on the session's connection: an UPDATE
+            # has no ORM result), so of two senders exactly one sees its row change.
+            connection = await session.connection()
+            claimed = await connection.execute(
+                sql_update(OutboxRow)
+                .where(col(OutboxRow.id) == outbox_id, col(OutboxRow.status) == "pending")
+                .values(status="sending")
+            )
+            return claimed.rowcount == 1
 
     async def _finish(self, outbox_id: int, status: str) -> None:
         async with self._store.session() as session:

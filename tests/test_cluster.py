@@ -279,6 +279,39 @@ async def test_two_senders_on_one_database_send_each_message_once_in_order(
             assert rate_breaches(calls) == []
 
 
+async def test_an_alert_two_senders_reach_at_once_goes_once(tmp_path: Path) -> None:
+    """What a lease cannot rule out (a sender frozen past its lease's TTL while another takes
+    the chat), played without leases at all: two senders reach the same alerts at once. Each
+    alert is claimed in the database before its request, so it is sent once."""
+    with fresh_postgres_database() as database_url:
+        settings = Settings(data_dir=tmp_path / "data", database_url=database_url)
+        await asyncio.to_thread(prepare, settings)
+        apps = [build_app(settings) for _ in range(2)]
+        async with BotApiEmulator(token=new_token()) as emu:
+            emu.user(COORDINATOR, first_name="Coordinator")
+            bots = [Bot(emu.token, session=AiohttpSession(api=emu.api_server)) for _ in apps]
+            senders = [
+                OutboxSender(bot, app.store, app.translator, asyncio.Event())
+                for bot, app in zip(bots, apps, strict=True)
+            ]
+            try:
+                for n in range(3):
+                    async with apps[0].store.transaction() as tx:
+                        await tx.enqueue(COORDINATOR, "en", numbered(n), dedup_key=f"alert:{n}")
+                    await asyncio.gather(*(sender.flush() for sender in senders))
+            finally:
+                for bot in bots:
+                    await bot.session.close()
+                for app in apps:
+                    await app.close()
+            texts = [m["plain_text"] for m in emu.sent(COORDINATOR)]
+            assert sorted(texts) == sorted(set(texts)) and len(texts) == 3, texts
+            statuses = await asyncio.to_thread(
+                pg_rows, database_url, "SELECT status, count(*) FROM outbox GROUP BY status"
+            )
+            assert dict(statuses) == {"sent": 3}
+
+
 def numbered(n: int) -> Reply:
     return reply(Text("coordinator.export_too_big", {"path": Verbatim(f"#{n}")}))
 
