@@ -22,10 +22,17 @@ SELECT ... FOR UPDATE SKIP LOCKED ties up one database connection (and, for the 
 open transaction) for as long as the chat is being worked on, which includes downloading
 and checking files for minutes; a few hundred busy chats would need a few hundred
 connections, and a long transaction holds back vacuum. A lease is one small key, freed by
-its TTL when its holder dies, and the rate limiter needs Redis anyway. What a lease cannot
-give (a holder frozen longer than the TTL while another takes over) the database still
-covers: an update is marked done in the transaction that applies it, and PostgreSQL locks
-the case row, so a replay changes nothing twice.
+its TTL when its holder dies, and the rate limiter needs Redis anyway.
+
+What a lease cannot rule out: its holder frozen, or cut off from Redis, for longer than the
+TTL while another instance takes the chat (the holder finishes the update in hand, then
+sees `Lease.lost`). The database covers that: an update is marked done in the transaction
+that applies it, and on PostgreSQL that transaction locks the update's inbox row before it
+checks "already done" (adapters.store.SqlTransaction.update_seen), so of two instances
+handling the same update at the very same moment the second waits for the first to commit,
+then finds it done and changes nothing. A chat's messages have no such guard: a sender
+frozen past its lease's TTL may send a message the new holder sends too (alerts excepted:
+they are marked "sending" before their request and never sent again).
 """
 
 from __future__ import annotations

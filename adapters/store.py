@@ -85,7 +85,11 @@ class SqlTransaction:
     for_update: bool
 
     async def update_seen(self, update_id: int) -> bool:
-        row = await self.session.get(InboxRow, update_id)
+        # Several instances (adapters.cluster): on PostgreSQL the inbox row is locked until
+        # this transaction ends, so two instances applying the same update at once are
+        # serialised here: the second waits, then reads the first's "done" and does nothing.
+        # (SQLite's BEGIN IMMEDIATE already lets one writer in at a time.)
+        row = await self.session.get(InboxRow, update_id, with_for_update=self.for_update)
         return row is not None and row.status == "done"
 
     async def mark_update(self, update_id: int, chat_id: int | None) -> None:

@@ -41,11 +41,12 @@ from aiogram.types import (
     WebAppInfo,
 )
 from sqlalchemy import or_
+from sqlalchemy import update as sql_update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import col, func, select
 
 from adapters import metrics
-from adapters.cluster import SOLO, ClusterUnavailable, RateLimiter, Solo
+from adapters.cluster import LATE_S, SOLO, ClusterUnavailable, RateLimiter, Solo
 from adapters.media import CaseMedia, PreviewUnavailable
 from adapters.store import SqlStore, utcnow
 from adapters.tables import CardRow, InboxRow, OutboxRow
@@ -410,6 +411,10 @@ class _RateLimiter:
         self._next_global = max(now, self._next_global) + 1.0 / GLOBAL_PER_SECOND
 
 
+class ClaimedElsewhere(Exception):
+    """An alert another instance marked "sending" first: it is theirs to send."""
+
+
 class OutboxSender:
     def __init__(
         self,
@@ -556,9 +561,7 @@ class OutboxSender:
         try:
             payload = self._store.outbox_payload(row)
             if "delete_message" in payload:
-                await self._limiter.wait_turn(row.chat_id)
-                if claim is not None:
-                    await self._mark(claim, "sending")
+                await self._turn(row.chat_id, claim)
                 await self._bot.delete_message(row.chat_id, int(payload["delete_message"]))
             elif "card" in payload:
                 await self._deliver_card(row.chat_id, row.locale, Reply.from_dict(payload["card"]))
@@ -578,6 +581,9 @@ class OutboxSender:
             metrics.SEND_RETRIES.labels("unavailable").inc()
             await self._reschedule(row.id, backoff(row.attempts + 1), count=True)
             return False
+        except ClaimedElsewhere:
+            log.warning("alert claimed by another instance outbox=%s", row.id)
+            return True  # that instance sends it (and finishes the row): leave it alone
         except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as exc:
             # The patient blocked the bot or the chat is gone: retrying cannot help.
             log.error("send refused outbox=%s error=%s", row.id, type(exc).__name__)
@@ -585,6 +591,20 @@ class OutboxSender:
             return True
         await self._finish(row.id, "sent")
         return True
+
+    async def _turn(self, chat_id: int, claim: int | None) -> None:
+        """Wait for the message's turn under the rate limits; an alert (`claim`) is then
+        marked "sending" (see _send_row)."""
+        await self._limiter.wait_turn(chat_id)
+        if claim is None:
+            return
+        marking = time.monotonic()
+        if not await self._claim(claim):
+            raise ClaimedElsewhere
+        if time.monotonic() - marking > LATE_S:
+            # The commit was slow (a busy database): sent now, the message would come too
+            # close to the chat's next ones (seen with two instances at load 12). Another turn.
+            await self._limiter.wait_turn(chat_id)
 
     async def _deliver(
         self, chat_id: int, locale: str, reply: Reply, claim: int | None = None
@@ -597,9 +617,8 @@ class OutboxSender:
             )
         for index, text in enumerate(rendered.texts):
             last = index == len(rendered.texts) - 1
-            await self._limiter.wait_turn(chat_id)  # each part of a long text counts
-            if claim is not None and index == 0:
-                await self._mark(claim, "sending")  # an alert: see _send_row
+            # Each part of a long text counts; an alert is claimed with its first part.
+            await self._turn(chat_id, claim if index == 0 else None)
             await self._bot.send_message(
                 chat_id,
                 text,
@@ -686,12 +705,19 @@ class OutboxSender:
                 row.next_attempt_at = utcnow() + timedelta(seconds=delay)
                 session.add(row)
 
-    async def _mark(self, outbox_id: int, status: str) -> None:
+    async def _claim(self, outbox_id: int) -> bool:
+        """Mark an alert "sending" if it is still pending: False when another instance
+        claimed it first (its sender held the chat's lease after ours expired)."""
         async with self._store.session() as session:
-            row = await session.get(OutboxRow, outbox_id)
-            if row is not None:
-                row.status = status
-                session.add(row)
+            # A compare-and-set in one statement (on the session's connection: an UPDATE
+            # has no ORM result), so of two senders exactly one sees its row change.
+            connection = await session.connection()
+            claimed = await connection.execute(
+                sql_update(OutboxRow)
+                .where(col(OutboxRow.id) == outbox_id, col(OutboxRow.status) == "pending")
+                .values(status="sending")
+            )
+            return claimed.rowcount == 1
 
     async def _finish(self, outbox_id: int, status: str) -> None:
         async with self._store.session() as session:

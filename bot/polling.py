@@ -119,32 +119,38 @@ class Runtime:
 
     async def retention(self) -> None:
         while True:
-            # One instance of a cluster runs it per period (alone: this one, always).
-            async with self.cluster.turn("retention", RETENTION_EVERY_S) as mine:
-                erased = (
-                    await self.app.service.erase_expired(self.app.settings.retention_days)
-                    if mine
-                    else 0
-                )
+            erased = await self.retention_turn()
             if erased:
                 log.info("retention erased %d case(s)", erased)
                 self.outbox_wake.set()
             await asyncio.sleep(RETENTION_EVERY_S)
 
+    async def retention_turn(self) -> int:
+        """One period's retention run: on one instance of a cluster (alone: this one,
+        always); the others get 0."""
+        async with self.cluster.turn("retention", RETENTION_EVERY_S) as mine:
+            if not mine:
+                return 0
+            return await self.app.service.erase_expired(self.app.settings.retention_days)
+
     async def reminders(self) -> None:
         """Reminders for missing items, checked every few minutes (each is sent at most once:
         see ConversationService.send_reminders)."""
-        settings = self.app.settings
-        policy = ReminderPolicy.parse(
-            settings.reminder_days, settings.reminder_hours, settings.patient_timezone
-        )
         while True:
-            async with self.cluster.turn("reminders", REMINDERS_EVERY_S) as mine:
-                sent = await self.app.service.send_reminders(policy) if mine else 0
+            sent = await self.reminders_turn()
             if sent:
                 log.info("queued %d reminder(s)", sent)
                 self.outbox_wake.set()
             await asyncio.sleep(REMINDERS_EVERY_S)
+
+    async def reminders_turn(self) -> int:
+        """One period's reminders, on one instance of a cluster (as `retention_turn`)."""
+        settings = self.app.settings
+        policy = ReminderPolicy.parse(
+            settings.reminder_days, settings.reminder_hours, settings.patient_timezone
+        )
+        async with self.cluster.turn("reminders", REMINDERS_EVERY_S) as mine:
+            return await self.app.service.send_reminders(policy) if mine else 0
 
     async def recover_alerts(self) -> None:
         """Several instances: now and then, alerts cut short by a dead instance (see

@@ -85,7 +85,8 @@ async def started(bot: BotProcess, emu: BotApiEmulator) -> None:
     """Started and registered: the bot listens before it calls setWebhook."""
     mark = len(emu.calls)
     bot.start()
-    await emu.wait_for_call("setWebhook", timeout=60, since=mark)
+    # Generous: on a busy 2-core machine the start-up (imports) alone takes half a minute.
+    await emu.wait_for_call("setWebhook", timeout=180, since=mark)
 
 
 def transcript(emu: BotApiEmulator, chat_id: int) -> list[tuple[str, list[str]]]:
@@ -141,7 +142,7 @@ async def test_patient_gets_the_same_answers_as_by_polling(
         mark = len(polled.calls)
         polling.start()
         try:
-            await polled.wait_for_call("getUpdates", timeout=60, since=mark)
+            await polled.wait_for_call("getUpdates", timeout=180, since=mark)
             await walk_first_items(PatientDriver(polled, polled.user(chat, first_name="Ann")))
             await asyncio.sleep(1.5)  # the card's last edit
             by_polling = transcript(polled, chat)
