@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import event
@@ -19,6 +23,42 @@ def async_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+# Connections an engine's pool hands out at once (pool_size + max_overflow), on both backends.
+POOL_SIZE, POOL_OVERFLOW = 10, 5
+POOL_CONNECTIONS = POOL_SIZE + POOL_OVERFLOW
+
+
+class Gate:
+    """At most `size` sessions of this process at once; the others wait their turn here.
+
+    Under load (hundreds of chats' lanes at once) waiting at the pool gives up after 30 s,
+    and on SQLite writers waiting for the lock sleep in SQLite's busy handler in growing
+    steps while the lock sits idle; an asyncio queue hands the turn over at once, in order.
+    A task that already holds the gate passes: a nested session cannot deadlock on it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._held: ContextVar[bool] = ContextVar(f"gate-{id(self)}", default=False)
+        self._turns: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if self._held.get():
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        if self._turns is None or self._loop is not loop:  # a semaphore serves one loop
+            self._turns, self._loop = asyncio.Semaphore(self._size), loop
+        async with self._turns:
+            token = self._held.set(True)
+            try:
+                yield
+            finally:
+                self._held.reset(token)
+
+
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
@@ -28,8 +68,12 @@ def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
     that read a WAL snapshot without ever waiting for the write lock."""
     url = async_url(url)
     if not is_sqlite(url):
-        return create_async_engine(url, pool_size=10, max_overflow=5, pool_pre_ping=True)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
+        return create_async_engine(
+            url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True
+        )
+    engine = create_async_engine(
+        url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, connect_args={"timeout": 30}
+    )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:

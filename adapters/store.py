@@ -7,7 +7,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters import audit
+from adapters.database import POOL_CONNECTIONS, Gate
 from adapters.keyring import KeyRing
 from adapters.tables import (
     CardRow,
@@ -35,9 +36,17 @@ from core.model import Case, FileRef, ItemProgress, ItemStatus, State
 from core.ports import IncomingFile, Patient, StoredFile
 from core.replies import Reply, Text
 
+CARD_PREFIX = '{"card"'  # how an outbox row holding the checklist card begins
+CARD_QUIET_S = 2.0  # a card waits for this much quiet in its chat (see enqueue_card)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def token_hash(token: str) -> str:
@@ -66,6 +75,10 @@ def _file_to_json(ref: FileRef) -> dict[str, Any]:
     }
 
 
+def _extras_json(extras: dict[str, Any]) -> str | None:
+    return json.dumps(extras, ensure_ascii=False) if extras else None
+
+
 def file_from_json(data: dict[str, Any]) -> FileRef:
     return FileRef(
         data["file_id"],
@@ -79,10 +92,24 @@ def file_from_json(data: dict[str, Any]) -> FileRef:
 
 
 @dataclass
+class _Loaded:
+    """A case as read in this transaction: its item rows, and the plaintext of its sealed
+    fields, so that saving it rewrites only what changed (sealing a field again gives new
+    ciphertext, hence a row update, even when its value is the same)."""
+
+    items: dict[str, ItemRow] | None  # None: not read yet
+    plain: dict[str, str | None]  # "patient-name", "birth-date", "extras", "answer/<item>"
+
+
+@dataclass
 class SqlTransaction:
     session: AsyncSession
     keys: KeyRing
     for_update: bool
+    _loaded: dict[str, _Loaded] = field(default_factory=dict)
+    # Rows read here that are written again later in the transaction: the session's
+    # identity map holds rows only weakly, and a row dropped from it is read again.
+    _kept: list[Any] = field(default_factory=list)
 
     async def update_seen(self, update_id: int) -> bool:
         # Several instances (adapters.cluster): on PostgreSQL the inbox row is locked until
@@ -90,6 +117,7 @@ class SqlTransaction:
         # serialised here: the second waits, then reads the first's "done" and does nothing.
         # (SQLite's BEGIN IMMEDIATE already lets one writer in at a time.)
         row = await self.session.get(InboxRow, update_id, with_for_update=self.for_update)
+        self._kept.append(row)  # mark_update writes it
         return row is not None and row.status == "done"
 
     async def mark_update(self, update_id: int, chat_id: int | None) -> None:
@@ -107,6 +135,7 @@ class SqlTransaction:
         row = (await self.session.exec(query)).first()
         if row is None:
             return None
+        self._kept.append(row)  # save_case writes it
         items = (await self.session.exec(select(ItemRow).where(ItemRow.case_id == row.id))).all()
         case = Case(
             id=row.id,
@@ -127,10 +156,20 @@ class SqlTransaction:
             reminders_paused=row.reminders_paused,
             extras=json.loads(self._decrypt(row, row.extras_enc, "extras") or "{}"),
         )
+        loaded = _Loaded(
+            {item.item_key: item for item in items},
+            {
+                "patient-name": case.patient_name,
+                "birth-date": case.birth_date.isoformat() if case.birth_date else None,
+                "extras": _extras_json(case.extras),
+            },
+        )
+        self._loaded[row.id] = loaded
         for item in items:
             answer = None
             if item.answer_enc is not None:
                 answer = self.keys.decrypt_field(row.id, row.wrapped_key, item.answer_enc, "answer")
+            loaded.plain[f"answer/{item.item_key}"] = answer
             case.items[item.item_key] = ItemProgress(
                 key=item.item_key,
                 status=ItemStatus(item.status),
@@ -176,6 +215,18 @@ class SqlTransaction:
     async def save_case(self, case: Case) -> None:
         row = await self.session.get(CaseRow, case.id)
         assert row is not None, "saving a case that was never created"
+        loaded = self._loaded.setdefault(case.id, _Loaded(None, {}))
+        if loaded.items is None:  # created in this transaction, or saved without being loaded
+            query = select(ItemRow).where(ItemRow.case_id == case.id)
+            loaded.items = {item.item_key: item for item in (await self.session.exec(query))}
+        items = loaded.items
+
+        def seal(token: str | None, value: str | None, slot: str, field: str) -> str | None:
+            if slot in loaded.plain and loaded.plain[slot] == value:
+                return token  # unchanged: keep the ciphertext, and the row as it is
+            loaded.plain[slot] = value
+            return self._encrypt(row, value, field)
+
         row.locale = case.locale
         row.state = case.state.value
         row.checklist_key = case.checklist_key
@@ -185,38 +236,29 @@ class SqlTransaction:
         row.completed_at = case.completed_at
         row.completions = case.completions
         row.password_file = case.password_file
-        row.patient_name_enc = self._encrypt(row, case.patient_name, "patient-name")
-        row.birth_date_enc = self._encrypt(
-            row, case.birth_date.isoformat() if case.birth_date else None, "birth-date"
+        row.patient_name_enc = seal(
+            row.patient_name_enc, case.patient_name, "patient-name", "patient-name"
         )
+        birth = case.birth_date.isoformat() if case.birth_date else None
+        row.birth_date_enc = seal(row.birth_date_enc, birth, "birth-date", "birth-date")
         row.active_at = case.active_at
         row.reminders_sent = case.reminders_sent
         row.reminders_paused = case.reminders_paused
-        row.extras_enc = self._encrypt(
-            row, json.dumps(case.extras, ensure_ascii=False) if case.extras else None, "extras"
-        )
+        row.extras_enc = seal(row.extras_enc, _extras_json(case.extras), "extras", "extras")
         row.updated_at = utcnow()
         self.session.add(row)
-        existing = {
-            item.item_key: item
-            for item in (
-                await self.session.exec(select(ItemRow).where(ItemRow.case_id == case.id))
-            ).all()
-        }
-        for key in set(existing) - set(case.items):
-            await self.session.delete(existing[key])
+        for key in set(items) - set(case.items):
+            await self.session.delete(items.pop(key))
         for key, progress in case.items.items():
-            item = existing.get(key) or ItemRow(case_id=case.id, item_key=key, status="")
+            item = items.get(key)
+            if item is None:
+                item = items[key] = ItemRow(case_id=case.id, item_key=key, status="")
             item.status = progress.status.value
             item.files_json = json.dumps([_file_to_json(f) for f in progress.files])
             item.rejected_uploads = progress.rejected_uploads
             item.review = progress.review
             item.translation = progress.translation
-            item.answer_enc = (
-                None
-                if progress.answer is None
-                else self.keys.encrypt_field(case.id, row.wrapped_key, progress.answer, "answer")
-            )
+            item.answer_enc = seal(item.answer_enc, progress.answer, f"answer/{key}", "answer")
             self.session.add(item)
 
     async def find_file(self, case_id: str, unique_id: str, sha256: str | None) -> str | None:
@@ -407,19 +449,27 @@ class SqlTransaction:
         return token
 
     async def enqueue_card(self, chat_id: int, locale: str, card: Reply) -> None:
-        """One pending card per chat: a newer version replaces the one not yet sent."""
+        """One pending card per chat: a newer version replaces the one not yet sent.
+
+        The card goes out once the chat has been quiet for CARD_QUIET_S (each newer version
+        puts it off again): a patient answering step after step gets their replies at the
+        chat's pace, and the card one edit when they pause, not one edit per step. The
+        sender lets the chat's other messages pass a card that is not due yet.
+        """
         payload = json.dumps({"card": card.to_dict()}, ensure_ascii=False)
         pending = await self.session.exec(
             select(OutboxRow).where(
                 OutboxRow.chat_id == chat_id,
                 OutboxRow.status == "pending",
-                col(OutboxRow.payload).startswith('{"card"'),
+                col(OutboxRow.payload).startswith(CARD_PREFIX),
             )
         )
         row = pending.first()
+        now = utcnow()
         if row is None:
-            row = OutboxRow(chat_id=chat_id, locale=locale, payload=payload, created_at=utcnow())
+            row = OutboxRow(chat_id=chat_id, locale=locale, payload=payload, created_at=now)
         row.locale, row.payload = locale, payload
+        row.next_attempt_at = now + timedelta(seconds=CARD_QUIET_S)
         self.session.add(row)
 
     async def enqueue_media(
@@ -459,17 +509,26 @@ class SqlStore:
         # on SQLite they do not queue behind writers for the write lock.
         self.read_engine = read_engine or engine
         self._postgres = engine.dialect.name == "postgresql"
+        # SQLite has one writer at a time: the others queue in this process, not in the
+        # busy handler. PostgreSQL: as many sessions as the pool has connections.
+        self._read_gate = Gate(POOL_CONNECTIONS)
+        self._write_gate = Gate(1) if engine.dialect.name == "sqlite" else self._read_gate
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         """A session in one transaction, committed on success and rolled back on error."""
-        async with AsyncSession(self.engine, expire_on_commit=False) as session, session.begin():
+        async with (
+            self._write_gate(),
+            AsyncSession(self.engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
             yield session
 
     @asynccontextmanager
     async def reader(self) -> AsyncIterator[AsyncSession]:
         """A read-only session (a consistent snapshot); it must not write."""
         async with (
+            self._read_gate(),
             AsyncSession(self.read_engine, expire_on_commit=False) as session,
             session.begin(),
         ):

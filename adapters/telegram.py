@@ -43,12 +43,13 @@ from aiogram.types import (
 from sqlalchemy import or_
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import col, func, select
 
 from adapters import metrics
 from adapters.cluster import LATE_S, SOLO, ClusterUnavailable, RateLimiter, Solo
 from adapters.media import CaseMedia, PreviewUnavailable
-from adapters.store import SqlStore, utcnow
+from adapters.store import CARD_PREFIX, SqlStore, aware, utcnow
 from adapters.tables import CardRow, InboxRow, OutboxRow
 from core.replies import Reply, Text, Verbatim
 from handlers.render import RenderedButton, Translator
@@ -62,6 +63,7 @@ SCRUBBED = "{}"  # the payload of a message once it is out
 # Several instances (adapters.cluster): how long a lane waits for a chat's lease that
 # another instance holds before leaving the chat to a later scan.
 INBOX_LEASE_WAIT_S = 2.0
+LANE_BATCH = 5  # a chat's pending messages read at once (sent one by one, in order)
 OUTBOX_LEASE_WAIT_S = 0.2  # short: the holder sends every pending row of the chat anyway
 
 
@@ -203,8 +205,8 @@ class InboxProcessor:
             # is finishing the chat's previous update (it may have arrived there).
             async with self._cluster.lease(f"inbox:{lane}", wait=INBOX_LEASE_WAIT_S) as lease:
                 while queue and lease and not lease.lost and not self._stopping:
-                    group = await self._album_group(queue)
-                    ok = await self._process(group)
+                    group, rows = await self._album_group(queue)
+                    ok = await self._process(rows)
                     if not ok:
                         # Keep the chat's order: later updates wait for this one's retry.
                         for waiting in queue:
@@ -234,8 +236,9 @@ class InboxProcessor:
         assert row.payload_enc is not None
         return dict(json.loads(self._store.keys.decrypt_inbox(row.update_id, row.payload_enc)))
 
-    async def _album_group(self, queue: deque[int]) -> list[int]:
-        """The head update, with the rest of its album when it is part of one.
+    async def _album_group(self, queue: deque[int]) -> tuple[list[int], list[InboxRow]]:
+        """The head update, with the rest of its album when it is part of one: their ids,
+        and the rows of those still to handle.
 
         Telegram delivers an album as separate updates sharing `media_group_id`; waiting a
         moment after the first one lets the others arrive, so the album gets one answer.
@@ -243,21 +246,21 @@ class InboxProcessor:
         head = await self._load(queue[0])
         group_id = media_group_of(self._payload(head)) if head else None
         if head is None or group_id is None:
-            return [queue[0]]
-        waited = (utcnow() - head.received_at).total_seconds()
+            return [queue[0]], [head] if head else []
+        waited = (utcnow() - aware(head.received_at)).total_seconds()
         if waited < ALBUM_WAIT_S:
             await asyncio.sleep(ALBUM_WAIT_S - waited)
             await self._dispatch_pending()  # queue the parts that arrived meanwhile
-        group = [queue[0]]
+        group, rows = [queue[0]], [head]
         for update_id in list(queue)[1:]:
             row = await self._load(update_id)
             if row is None or media_group_of(self._payload(row)) != group_id:
                 break
             group.append(update_id)
-        return group
+            rows.append(row)
+        return group, rows
 
-    async def _process(self, group: list[int]) -> bool:
-        rows = [row for row in [await self._load(update_id) for update_id in group] if row]
+    async def _process(self, rows: list[InboxRow]) -> bool:
         if not rows:
             return True
         head = rows[0]
@@ -282,10 +285,13 @@ class InboxProcessor:
                         await tx.mark_update(row.update_id, row.chat_id)
         self._transient.pop(head.update_id, None)
         metrics.UPDATES_PROCESSED.labels("handled").inc(len(rows))
+        # ms: handling, from the update taken up to its replies queued (committed); since:
+        # from when it was stored in the inbox, so its wait for its turn counts too.
         log.info(
-            "update handled update=%s ms=%.1f",
+            "update handled update=%s ms=%.1f since=%.1f",
             head.update_id,
             (time.perf_counter() - started) * 1000,
+            (utcnow() - aware(head.received_at)).total_seconds() * 1000,
         )
         if self._handled is not None:
             self._handled.set()
@@ -353,6 +359,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
         return True
     if isinstance(exc, aiohttp.ClientError | ConnectionError):
+        return True
+    if isinstance(exc, PoolTimeout):  # every database connection busy for a while: a surge
         return True
     return isinstance(exc, DBAPIError) and (
         exc.connection_invalidated or isinstance(exc, OperationalError)
@@ -438,6 +446,7 @@ class OutboxSender:
         self._protected = protected_chats
         # Several instances share one limiter in Redis (adapters.cluster.SharedRateLimiter).
         self._limiter: RateLimiter = limiter or _RateLimiter()
+        self._marks = OutboxMarks(store)
         self._lanes: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
 
@@ -533,21 +542,34 @@ class OutboxSender:
             # each message once. The holder sends every pending row, whoever queued it.
             async with self._cluster.lease(f"outbox:{chat_id}", wait=OUTBOX_LEASE_WAIT_S) as lease:
                 while lease and not lease.lost:
+                    now = utcnow()
                     async with self._store.reader() as session:
-                        row = (
+                        rows = (
                             await session.exec(
                                 select(OutboxRow)
                                 .where(OutboxRow.chat_id == chat_id, OutboxRow.status == "pending")
+                                # A card not due yet lets the messages queued after it pass:
+                                # it only shows where the case stands (see enqueue_card).
+                                .where(
+                                    or_(
+                                        col(OutboxRow.next_attempt_at).is_(None),
+                                        col(OutboxRow.next_attempt_at) <= now,
+                                        ~col(OutboxRow.payload).startswith(CARD_PREFIX),
+                                    )
+                                )
                                 .order_by(col(OutboxRow.id))
-                                .limit(1)
+                                .limit(LANE_BATCH)
                             )
-                        ).first()
-                    if row is None or (row.next_attempt_at and row.next_attempt_at > utcnow()):
+                        ).all()
+                    if not rows:
                         return
-                    if self._stopping:
-                        return
-                    if not await self._send_row(row):
-                        return  # retry later; later messages of this chat wait to keep order
+                    for row in rows:
+                        if row.next_attempt_at and aware(row.next_attempt_at) > now:
+                            return
+                        if self._stopping or lease.lost:
+                            return
+                        if not await self._send_row(row):
+                            return  # retry later; later messages of this chat wait (order)
         finally:
             self._lanes.pop(chat_id, None)
 
@@ -587,9 +609,9 @@ class OutboxSender:
         except (TelegramForbiddenError, TelegramBadRequest, TelegramNotFound) as exc:
             # The patient blocked the bot or the chat is gone: retrying cannot help.
             log.error("send refused outbox=%s error=%s", row.id, type(exc).__name__)
-            await self._finish(row.id, "failed")
+            await self._finish(row.id, "failed", row.payload)
             return True
-        await self._finish(row.id, "sent")
+        await self._finish(row.id, "sent", row.payload)
         return True
 
     async def _turn(self, chat_id: int, claim: int | None) -> None:
@@ -697,13 +719,12 @@ class OutboxSender:
         )
 
     async def _reschedule(self, outbox_id: int, delay: float, count: bool) -> None:
-        async with self._store.session() as session:
-            row = await session.get(OutboxRow, outbox_id)
-            if row is not None:
-                row.status = "pending"  # an alert refused by Telegram was not delivered: retry
-                row.attempts += 1 if count else 0
-                row.next_attempt_at = utcnow() + timedelta(seconds=delay)
-                session.add(row)
+        def retry(row: OutboxRow) -> None:
+            row.status = "pending"  # an alert refused by Telegram was not delivered: retry
+            row.attempts += 1 if count else 0
+            row.next_attempt_at = utcnow() + timedelta(seconds=delay)
+
+        await self._marks.change(outbox_id, retry)
 
     async def _claim(self, outbox_id: int) -> bool:
         """Mark an alert "sending" if it is still pending: False when another instance
@@ -719,13 +740,58 @@ class OutboxSender:
             )
             return claimed.rowcount == 1
 
-    async def _finish(self, outbox_id: int, status: str) -> None:
-        async with self._store.session() as session:
-            row = await session.get(OutboxRow, outbox_id)
-            if row is not None:
+    async def _finish(self, outbox_id: int, status: str, sent_payload: str) -> None:
+        def finish(row: OutboxRow) -> None:
+            # A card replaced by a newer version while this one was on its way stays
+            # pending: the newer one goes out next (only cards are ever replaced).
+            if row.payload == sent_payload:
                 row.status, row.sent_at = status, utcnow()
                 row.payload = SCRUBBED  # delivered (or refused): no content stays behind
-                session.add(row)
+
+        await self._marks.change(outbox_id, finish)
+
+
+class OutboxMarks:
+    """Outbox rows' new states (sending, sent, retry later), committed together: the
+    lanes that finish a send while a commit is under way share the next one, so that
+    hundreds of chats do not queue one commit each for the database's single writer.
+    Each lane still waits until its own row's change is committed before it goes on,
+    exactly as with a transaction of its own (an alert is marked "sending" durably
+    before its request)."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+        self._queued: list[tuple[int, Callable[[OutboxRow], None], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def change(self, outbox_id: int, apply: Callable[[OutboxRow], None]) -> None:
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queued.append((outbox_id, apply, committed))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await committed
+
+    async def _write(self) -> None:
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                async with self._store.session() as session:
+                    ids = [outbox_id for outbox_id, _, _ in batch]
+                    query = select(OutboxRow).where(col(OutboxRow.id).in_(ids))
+                    rows = {row.id: row for row in await session.exec(query)}
+                    for outbox_id, apply, _ in batch:
+                        row = rows.get(outbox_id)
+                        if row is not None:
+                            apply(row)
+                            session.add(row)
+            except Exception as exc:  # each lane gets the error, as from its own commit
+                for _, _, committed in batch:
+                    if not committed.done():
+                        committed.set_exception(exc)
+            else:
+                for _, _, committed in batch:
+                    if not committed.done():
+                        committed.set_result(None)
 
 
 def inline_button(button: RenderedButton) -> InlineKeyboardButton:

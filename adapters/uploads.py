@@ -39,7 +39,7 @@ from sqlalchemy import update
 from sqlmodel import col, func, select
 
 from adapters.keyring import KeyRing
-from adapters.store import SqlStore, token_hash, utcnow
+from adapters.store import SqlStore, aware, token_hash, utcnow
 from adapters.tables import CaseRow, FileRow, UploadSessionRow
 from adapters.vault import Vault
 from intake import limits
@@ -148,11 +148,6 @@ class HandoverUnit:
 
 def part_blob_id(session_id: str, file_id: int, index: int) -> str:
     return f"u{session_id}-{file_id}-{index}"
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without a zone; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _clean_path(raw: object) -> str:
@@ -338,7 +333,7 @@ class UploadStore:
         if check:
             if row.state == COMPLETE and not complete_ok:
                 raise UploadRefused("used", locale=case.locale)
-            expired = row.state == OPEN and _aware(row.expires_at) <= utcnow()
+            expired = row.state == OPEN and aware(row.expires_at) <= utcnow()
             if row.state == EXPIRED or expired:
                 raise UploadRefused("expired", locale=case.locale)
         key = self._keys.case_key(case.id, case.wrapped_key)
@@ -349,7 +344,7 @@ class UploadStore:
             row.item_key,
             row.chat_id,
             row.state,
-            _aware(row.expires_at),
+            aware(row.expires_at),
             row.handed,
             manifest.files,
             manifest.next_id,
@@ -607,9 +602,9 @@ class UploadStore:
             gone = case is None or not case.wrapped_key or case.chat_id != row.chat_id
             if gone:
                 await self._delete_row(row.id)
-            elif row.state == OPEN and _aware(row.expires_at) <= now:
+            elif row.state == OPEN and aware(row.expires_at) <= now:
                 await self.expire(row.id)
-            elif row.state in (COMPLETE, EXPIRED) and _aware(row.expires_at) + LINGER <= now:
+            elif row.state in (COMPLETE, EXPIRED) and aware(row.expires_at) + LINGER <= now:
                 await self._delete_row(row.id)
             else:
                 continue

@@ -37,6 +37,7 @@ from core.review import (
     TRANSLATION_PROMPT,
     parse_pressed,
 )
+from handlers.filters import Where
 from handlers.patient import incoming_file
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class IsCoordinator(Filter):
         return False if viewer is None else {"viewer": viewer}
 
 
-def is_coordinator_button(query: CallbackQuery) -> bool:
+async def is_coordinator_button(query: CallbackQuery) -> bool:  # async: see handlers.filters
     """Callback data of a coordinator button (checked for its signature by the handler)."""
     return (query.data or "").split(":", 1)[0] in ACTIONS
 
@@ -128,7 +129,7 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
             return
         await coordinator_desk.case_view(case_id[:64], viewer=viewer, update_id=update_id)
 
-    @router.message(F.document, is_coordinator, AwaitsTranslation())
+    @router.message(Where(F.document), is_coordinator, AwaitsTranslation())
     async def translation(
         message: Message,
         viewer: Viewer,
@@ -142,7 +143,7 @@ def build_router(coordinator_ids: frozenset[int], coordinator_chat_id: int | Non
                 incoming, file_source, viewer=viewer, update_id=update_id
             )
 
-    @router.message(F.text, ~F.text.startswith("/"), is_coordinator, AwaitsReason())
+    @router.message(Where(F.text), Where(~F.text.startswith("/")), is_coordinator, AwaitsReason())
     async def reason(
         message: Message, viewer: Viewer, coordinator_desk: CoordinatorDesk, update_id: int
     ) -> None:

@@ -19,6 +19,7 @@ from aiogram.types import CallbackQuery, Message, Update
 from core.events import BUTTON_EVENTS, Event, EventKind
 from core.ports import IncomingFile, Patient
 from core.service import ConversationService
+from handlers.filters import Where
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ async def _read_local(path: str) -> AsyncIterator[bytes]:
 def build_router() -> Router:
     """A fresh router (aiogram routers cannot join two dispatchers)."""
     router = Router(name="patient")
-    router.message.filter(F.chat.type == "private")
-    router.callback_query.filter(F.message.chat.type == "private")
+    router.message.filter(Where(F.chat.type == "private"))
+    router.callback_query.filter(Where(F.message.chat.type == "private"))
 
     @router.message(CommandStart())
     async def start(
@@ -130,7 +131,7 @@ def build_router() -> Router:
     ) -> None:
         await service.handle(_patient(message), Event(_COMMANDS[command.command]), update_id)
 
-    @router.message(F.document | F.photo)
+    @router.message(Where(F.document | F.photo))
     async def file(
         message: Message,
         service: ConversationService,
@@ -162,7 +163,7 @@ def build_router() -> Router:
             return
         await service.handle_file(_patient(message), incoming, file_source, update_id)
 
-    @router.message(F.text)
+    @router.message(Where(F.text))
     async def text(message: Message, service: ConversationService, update_id: int) -> None:
         kind = EventKind.HELP if (message.text or "").startswith("/") else EventKind.TEXT
         await service.handle(_patient(message), Event(kind, message.text or ""), update_id)
@@ -174,16 +175,20 @@ def build_router() -> Router:
     @router.callback_query()
     async def pressed(query: CallbackQuery, service: ConversationService, update_id: int) -> None:
         action, _, arg = (query.data or "").partition(":")
-        # A replayed, old query can no longer be answered; the event still counts.
-        with contextlib.suppress(TelegramAPIError):
-            await query.answer()
-        if action not in _BUTTON_ACTIONS:
-            log.info("ignored button action update=%s", update_id)
-            return
         message = query.message
-        if message is None:
-            return
-        patient = Patient(message.chat.id, query.from_user.id, query.from_user.language_code)
-        await service.handle(patient, Event(EventKind(action), arg[:64]), update_id)
+        try:
+            if action not in _BUTTON_ACTIONS:
+                log.info("ignored button action update=%s", update_id)
+            elif message is not None:
+                patient = Patient(
+                    message.chat.id, query.from_user.id, query.from_user.language_code
+                )
+                await service.handle(patient, Event(EventKind(action), arg[:64]), update_id)
+        finally:
+            # Answered once the reply is queued: that request's round trip to Telegram does
+            # not hold the reply back. A replayed, old query can no longer be answered; the
+            # event still counts.
+            with contextlib.suppress(TelegramAPIError):
+                await query.answer()
 
     return router
