@@ -53,10 +53,10 @@ from intake import limits
 
 log = logging.getLogger(__name__)
 
-# Plaintext per chunk: a PUT body, and one blob (one fsync) each. 16 MiB keeps the fsyncs
-# few (a ~4 ms flush per 16 MiB stays small beside writing them) and every request well
-# under a reverse proxy's usual body limit (nginx: client_max_body_size 20m); a phone holds
-# no more than the slices of PARALLEL chunks (the page sends 3 at a time).
+# Plaintext per chunk: a PUT body, and one blob (one fsync, one authorisation) each. 16 MiB
+# keeps those few per byte (bench/upload_bench.py) and every request well under a reverse
+# proxy's usual body limit (nginx: client_max_body_size 20m); the page holds only slices of
+# the picked files, never a chunk's bytes, and sends 3 chunks at a time.
 PART_SIZE = 16 * 1024 * 1024
 MIN_PART_SIZE, MAX_PART_SIZE = 16 * 1024, 64 * 1024 * 1024  # UPLOAD_PART_BYTES bounds
 PIECE = 1 << 20  # request bodies are read, and parts decrypted, in pieces of this size
@@ -393,8 +393,12 @@ class UploadStore:
         if "layout" in plain:
             files = tuple(ManifestFile(*entry) for entry in plain["files"])
             manifest = _Manifest(files, plain["layout"], plain["part"])
-        else:  # a list declared before uploads were one stream: the page declares it again
-            manifest = _Manifest((), 1, self._part_size)
+        else:
+            # A list declared before uploads were one stream: the page declares it again.
+            # Its parts were u<session>-<file id>-<chunk>, file ids below "next": the new
+            # layout numbers start above them, so an old part never passes for a new one
+            # (and declaring drops them all).
+            manifest = _Manifest((), plain["next"], self._part_size)
         self._manifests[row.id] = (row.manifest_enc, manifest)
         while len(self._manifests) > MANIFEST_CACHE:
             self._manifests.popitem(last=False)

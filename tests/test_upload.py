@@ -550,6 +550,40 @@ async def test_the_files_travel_as_one_stream_and_another_list_starts_again(
         }
 
 
+async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(
+    server: UploadServer,
+) -> None:
+    """An upload begun when each file had its own chunks (parts u<session>-<file>-<chunk>):
+    its list is ignored, the page declares it again, and no old part passes for a new one."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    upload = await session_of(app, link)
+    wrapped = await _wrapped(app, case_id)
+    old_list = {"next": 2, "files": [[0, "CD/a", 10, None, 0], [1, "CD/b", 10, None, 0]]}
+    sealed = app.store.keys.encrypt_field(
+        case_id, wrapped, json.dumps(old_list), f"upload-manifest/{upload.id}"
+    )
+    async with app.store.session() as session:
+        await session.exec(
+            update(UploadSessionRow)
+            .where(col(UploadSessionRow.id) == upload.id)
+            .values(manifest_enc=sealed, total_bytes=20)
+        )
+    for file_id in (0, 1):  # each old file's chunk 0
+        with app.vault.writer(f"u{upload.id}-{file_id}-0", upload.key) as writer:
+            writer.write(b"x" * 10)
+    assert (await session_of(app, link)).files == ()
+    files = [
+        {"path": "CD/a", "size": 10, "modified": 0},
+        {"path": "CD/b", "size": 10, "modified": 0},
+    ]
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(http, f"{server.base_url}/upload/api", bearer(link), files)
+    assert status == 200 and answer["have"] == [] and answer["layout"] > 2
+    assert not [name for name in vault_files(app) if name.startswith(f"u{upload.id}")]
+
+
 async def test_a_hand_over_cut_by_a_restart_resumes_when_the_server_starts(
     server: UploadServer,
 ) -> None:
