@@ -10,7 +10,8 @@ Generates a study (DICOM files of 4 MiB with random pixels, 1 GiB by default, 50
 * `dd bs=1M conv=fsync` of the same bytes into one file: what this disk takes durably with
   one fsync at the end and no network at all, the ceiling for anything that must store them;
 * the page's protocol (the chunks the server asks for, PARALLEL in flight) sent by curl to
-  the trivial sink: what the protocol itself costs, with a client as fast as curl;
+  the trivial sink: what the protocol itself costs, with a client as fast as curl; and to
+  the durable sink: the same chunks stored and fsynced, without encryption or the vault;
 * the same to the real upload sub-app (bot.upload) on a real App: every chunk encrypted into
   its own vault blob and fsynced before it is acknowledged;
 * after the last round, the hand-over that follows (the folder as one ZIP through the
@@ -379,16 +380,19 @@ def main() -> int:
             return run()
 
         rounds: list[dict[str, float]] = []
-        for token in tokens:
-            rounds.append(
-                {
-                    "curl": timed(lambda: curl_upload(paths, sink_url)),
-                    "durable": timed(lambda: curl_upload(paths, durable_url)),
-                    "dd": timed(lambda: dd_copy(paths, work / "dd-copy")),
-                    "client": timed(lambda: protocol_upload(files, bodies, sink_url, None)),
-                    "upload": timed(lambda: protocol_upload(files, bodies, api, token)),  # noqa: B023
-                }
-            )
+        for number, token in enumerate(tokens):
+            measures: dict[str, Callable[[], float]] = {
+                "curl": lambda: curl_upload(paths, sink_url),
+                "durable": lambda: curl_upload(paths, durable_url),
+                "dd": lambda: dd_copy(paths, work / "dd-copy"),
+                "client": lambda: protocol_upload(files, bodies, sink_url, None),
+                "client_durable": lambda: protocol_upload(files, bodies, durable_url, None),
+                "upload": lambda: protocol_upload(files, bodies, api, token),  # noqa: B023
+            }
+            # Every other round runs them in the reverse order: a load that rises or falls
+            # through a round does not always favour the same side.
+            order = list(measures) if number % 2 == 0 else list(reversed(measures))
+            rounds.append({name: timed(measures[name]) for name in order})
         rss_upload = peak_rss_mib(server.pid)
         handover_s = asyncio.run(hand_over(api, tokens[-1]))
         rss_handover = peak_rss_mib(server.pid)
@@ -410,17 +414,20 @@ def main() -> int:
         print(f"curl -> durable sink (write + fsync a file) {rate('durable')}")
         print(f"dd conv=fsync of the same bytes, no network {rate('dd')}")
         print(f"page protocol (curl) -> sink                {rate('client')}")
+        print(f"page protocol (curl) -> durable sink        {rate('client_durable')}")
         print(f"page protocol (curl) -> upload endpoint     {rate('upload')}")
         print(
             f"upload endpoint: {ratio('curl', 'upload'):.2f}x curl to the sink (goal >= 0.7x), "
             f"{ratio('durable', 'upload'):.2f}x curl to the durable sink, "
-            f"{ratio('client', 'upload'):.2f}x the same protocol to the sink, "
-            f"{ratio('dd', 'upload'):.2f}x dd conv=fsync"
+            f"{ratio('dd', 'upload'):.2f}x dd conv=fsync; "
+            f"{ratio('client', 'upload'):.2f}x the same chunks to the sink, "
+            f"{ratio('client_durable', 'upload'):.2f}x to the durable sink"
         )
         print(
-            f"references: dd conv=fsync {ratio('curl', 'dd'):.2f}x and the durable sink "
-            f"{ratio('curl', 'durable'):.2f}x curl to the sink; the page protocol to the sink "
-            f"{ratio('curl', 'client'):.2f}x"
+            f"references, to curl -> sink: dd conv=fsync {ratio('curl', 'dd'):.2f}x, the durable "
+            f"sink {ratio('curl', 'durable'):.2f}x, the page's chunks to the sink "
+            f"{ratio('curl', 'client'):.2f}x and to the durable sink "
+            f"{ratio('curl', 'client_durable'):.2f}x"
         )
         print(
             f"peak RSS: upload server {rss_idle:.0f} MiB idle, {rss_upload:.0f} MiB after the "
