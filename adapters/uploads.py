@@ -4,13 +4,20 @@ A link carries a random token; only its SHA-256 is stored (`upload_sessions.toke
 the database alone cannot open anyone's upload page. The patient's file list (names are
 personal data) is stored encrypted with the case key, bound to the session id.
 
-Each chunk of a file (`PART_SIZE` of plaintext, the last one shorter) becomes its own vault
-blob, encrypted and fsynced by the vault before the chunk is acknowledged. The vault is the
-progress record: a chunk was received exactly when its blob exists, so a restart, a dropped
-connection or a reload can never disagree with what is on disk, and there is no write to
-the database per chunk. Part blob ids are ``u<session id>-<file id>-<chunk>``: all parts of
-a session share a prefix (and a shard directory), so they can be found and removed even when
-the manifest can no longer be read (the case was crypto-erased).
+An upload is one byte stream: the declared files one after the other, in the order given.
+It travels in chunks of the session's part size (PART_SIZE unless UPLOAD_PART_BYTES says
+otherwise; the last chunk shorter), whatever the files' sizes: a CD of 5,000 small scans is a
+few hundred large requests, not 5,000 small ones, and a chunk may hold the end of one file
+and the start of the next. Each chunk becomes its own vault blob, encrypted and fsynced by
+the vault before the chunk is acknowledged. The vault is the progress record: a chunk was
+received exactly when its blob exists, so a restart, a dropped connection or a reload can
+never disagree with what is on disk, and there is no write to the database per chunk.
+
+Part blob ids are ``u<session id>-<layout>-<chunk>``. The layout number changes whenever the
+declared list does (then the stream's bytes move, and the old parts are dropped); a chunk
+sent for an older layout is refused, or at worst stored under the old number and never
+read. All parts of a session share a prefix (and a shard directory), so they can be found
+and removed even when the manifest can no longer be read (the case was crypto-erased).
 
 When every chunk is in, the files are handed to the normal intake (bot.upload does that with
 `ConversationService.handle_file`) as streams that decrypt the parts in 1 MiB pieces: a
@@ -31,7 +38,7 @@ import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,13 +48,18 @@ from sqlmodel import col, func, select
 from adapters.keyring import KeyRing
 from adapters.store import SqlStore, aware, token_hash, utcnow
 from adapters.tables import CaseRow, FileRow, UploadSessionRow
-from adapters.vault import Vault
+from adapters.vault import BlobReader, Vault
 from intake import limits
 
 log = logging.getLogger(__name__)
 
-PART_SIZE = 8 * 1024 * 1024  # plaintext per chunk: a PUT body, and one blob each
-PIECE = 1 << 20  # the hand-over reads parts in pieces of this size (one vault chunk)
+# Plaintext per chunk: a PUT body, and one blob (one fsync, one authorisation) each. 16 MiB
+# keeps those few per byte (bench/upload_bench.py) and every request well under a reverse
+# proxy's usual body limit (nginx: client_max_body_size 20m); the page holds only slices of
+# the picked files, never a chunk's bytes, and sends 3 chunks at a time.
+PART_SIZE = 16 * 1024 * 1024
+MIN_PART_SIZE, MAX_PART_SIZE = 16 * 1024, 64 * 1024 * 1024  # UPLOAD_PART_BYTES bounds
+PIECE = 1 << 20  # request bodies are read, and parts decrypted, in pieces of this size
 MAX_FILES = limits.MAX_ZIP_ENTRIES  # a folder becomes one ZIP: the intake's own limits apply
 MAX_PATH = limits.MAX_ZIP_NAME
 MAX_MIME = 128
@@ -79,21 +91,14 @@ class UploadRefused(Exception):  # a refusal shown to the patient, not a fault
 
 @dataclass(frozen=True)
 class ManifestFile:
-    """One file the page declared. `path` is the browser's relative path: data only, never
-    used as a path on disk."""
+    """One file the page declared, at `offset` in the upload's stream. `path` is the
+    browser's relative path: data only, never used as a path on disk."""
 
-    id: int
     path: str
     size: int
     mime: str | None
     modified: int  # milliseconds since the epoch, as the browser reports it
-
-    @property
-    def chunks(self) -> int:
-        return -(-self.size // PART_SIZE)
-
-    def chunk_length(self, index: int) -> int:
-        return min(PART_SIZE, self.size - index * PART_SIZE)
+    offset: int
 
     @property
     def in_folder(self) -> bool:
@@ -114,25 +119,33 @@ class UploadSession:
     expires_at: datetime
     handed: int
     files: tuple[ManifestFile, ...]
-    next_file_id: int
+    layout: int  # changes with the declared list; part blob ids carry it
+    part_size: int
     key: bytes  # the case's data key: parts and manifest are encrypted under it
     locale: str
     checklist_key: str | None
-    by_id: dict[int, ManifestFile] = field(default_factory=dict, repr=False, compare=False)
-
-    def file(self, file_id: int) -> ManifestFile | None:
-        return self.by_id.get(file_id)
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        """The stream's length: every declared file once."""
+        return self.files[-1].offset + self.files[-1].size if self.files else 0
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.total_bytes // self.part_size) if self.files else 0
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.part_size, self.total_bytes - index * self.part_size)
+
+    def part(self, index: int) -> str:
+        return part_blob_id(self.id, self.layout, index)
 
 
 @dataclass(frozen=True)
 class _Manifest:
     files: tuple[ManifestFile, ...]
-    next_id: int
-    by_id: dict[int, ManifestFile]
+    layout: int
+    part_size: int
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,8 @@ class HandoverUnit:
     zipped: bool
 
 
-def part_blob_id(session_id: str, file_id: int, index: int) -> str:
-    return f"u{session_id}-{file_id}-{index}"
+def part_blob_id(session_id: str, layout: int, index: int) -> str:
+    return f"u{session_id}-{layout}-{index}"
 
 
 def _clean_path(raw: object) -> str:
@@ -259,10 +272,15 @@ class _Spool:
 class UploadStore:
     """Upload sessions in the SQL store, their chunks in the vault."""
 
-    def __init__(self, store: SqlStore, vault: Vault, keys: KeyRing) -> None:
+    def __init__(
+        self, store: SqlStore, vault: Vault, keys: KeyRing, part_size: int = PART_SIZE
+    ) -> None:
+        if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
+            raise ValueError(f"part size must be {MIN_PART_SIZE}..{MAX_PART_SIZE} bytes")
         self._store = store
         self._vault = vault
         self._keys = keys
+        self._part_size = part_size  # for a newly declared list; a session keeps its own
         self._manifests: OrderedDict[str, tuple[str, _Manifest]] = OrderedDict()
 
     # -- sessions --------------------------------------------------------------------
@@ -347,18 +365,18 @@ class UploadStore:
             aware(row.expires_at),
             row.handed,
             manifest.files,
-            manifest.next_id,
+            manifest.layout,
+            manifest.part_size,
             key,
             case.locale,
             case.checklist_key,
-            manifest.by_id,
         )
 
     def _manifest(self, row: UploadSessionRow, case: CaseRow) -> _Manifest:
         """The decrypted file list. Every chunk's request needs it, and a CD's list runs to
         thousands of names: the last few are kept decrypted, keyed by their ciphertext."""
         if not row.manifest_enc:
-            return _Manifest((), 0, {})
+            return _Manifest((), 0, self._part_size)
         cached = self._manifests.get(row.id)
         if cached is not None and cached[0] == row.manifest_enc:
             self._manifests.move_to_end(row.id)
@@ -367,8 +385,15 @@ class UploadStore:
         plain = json.loads(
             self._keys.decrypt_field(case.id, case.wrapped_key, row.manifest_enc, context)
         )
-        files = tuple(ManifestFile(*entry) for entry in plain["files"])
-        manifest = _Manifest(files, plain["next"], {file.id: file for file in files})
+        if "layout" in plain:
+            files = tuple(ManifestFile(*entry) for entry in plain["files"])
+            manifest = _Manifest(files, plain["layout"], plain["part"])
+        else:
+            # A list declared before uploads were one stream: the page declares it again.
+            # Its parts were u<session>-<file id>-<chunk>, file ids below "next": the new
+            # layout numbers start above them, so an old part never passes for a new one
+            # (and declaring drops them all).
+            manifest = _Manifest((), plain["next"], self._part_size)
         self._manifests[row.id] = (row.manifest_enc, manifest)
         while len(self._manifests) > MANIFEST_CACHE:
             self._manifests.popitem(last=False)
@@ -378,24 +403,22 @@ class UploadStore:
         self, upload: UploadSession, entries: object, max_case_bytes: int
     ) -> tuple[UploadSession, list[int]]:
         """Declare the files to upload (again, after a reload); returns the session and the
-        id of each entry, in the order given. A file picked again (same path, size and time)
-        keeps its id and the chunks already stored; files no longer picked are dropped with
-        their chunks."""
-        parsed = parse_manifest(entries)
-        previous = {file.fingerprint(): file for file in upload.files}
-        next_id = upload.next_file_id
+        offset of each entry in the stream, in the order given. The same list again (the
+        same files, by path, size and time, in the same order) keeps the layout and every
+        chunk already stored; any other list is a new layout, and the old chunks go."""
         files: dict[tuple[str, int, int], ManifestFile] = {}
+        offset = 0
+        parsed = parse_manifest(entries)
         for path, size, mime, modified in parsed:
             fingerprint = (path, size, modified)
-            if fingerprint in files:
-                continue  # the same file twice in one pick
-            kept = previous.get(fingerprint)
-            if kept is None:
-                kept, next_id = ManifestFile(next_id, path, size, mime, modified), next_id + 1
-            files[fingerprint] = kept
-        order = [files[(path, size, modified)].id for path, size, mime, modified in parsed]
-        total = sum(file.size for file in files.values())
-        dropped = [file for file in upload.files if file.fingerprint() not in files]
+            if fingerprint not in files:  # the same file twice in one pick is sent once
+                files[fingerprint] = ManifestFile(path, size, mime, modified, offset)
+                offset += size
+        listing = tuple(files.values())
+        offsets = [files[(path, size, modified)].offset for path, size, _, modified in parsed]
+        same = listing == upload.files
+        layout = upload.layout if same else upload.layout + 1
+        part_size = upload.part_size if same else self._part_size
         async with self._store.transaction() as tx:
             query = select(UploadSessionRow).where(UploadSessionRow.id == upload.id)
             if tx.for_update:
@@ -403,24 +426,32 @@ class UploadStore:
             row = (await tx.session.exec(query)).one()
             if row.state != OPEN:
                 raise UploadRefused("used" if row.state == COMPLETE else "not_ready")
-            if await self._case_bytes(tx.session, upload) + total > max_case_bytes:
+            if await self._case_bytes(tx.session, upload) + offset > max_case_bytes:
                 raise UploadRefused("too_big")
             case = await tx.session.get(CaseRow, upload.case_id)
             assert case is not None
             manifest = json.dumps(
-                {"next": next_id, "files": [dataclasses.astuple(file) for file in files.values()]}
+                {
+                    "layout": layout,
+                    "part": part_size,
+                    "files": [dataclasses.astuple(file) for file in listing],
+                }
             )
             row.manifest_enc = self._keys.encrypt_field(
                 case.id, case.wrapped_key, manifest, _field(row.id)
             )
-            row.total_bytes = total
+            row.total_bytes = offset
             tx.session.add(row)
-        for file in dropped:
-            await asyncio.to_thread(self._delete_file_parts, upload.id, file)
+        if not same:
+            await asyncio.to_thread(self.delete_parts, upload.id, keep_layout=layout)
         log.info(
-            "upload files declared upload=%s files=%d bytes=%d", upload.id[:8], len(files), total
+            "upload files declared upload=%s files=%d bytes=%d layout=%d",
+            upload.id[:8],
+            len(listing),
+            offset,
+            layout,
         )
-        return await self.get(upload.id), order
+        return await self.get(upload.id), offsets
 
     async def _case_bytes(self, session: Any, upload: UploadSession) -> int:
         """What the case already holds, plus what its other open uploads declared."""
@@ -442,35 +473,29 @@ class UploadStore:
 
     # -- chunks ----------------------------------------------------------------------
 
-    def received(self, upload: UploadSession) -> dict[int, list[int]]:
-        """Chunk indexes already stored, per file id (blocking: a stat per chunk)."""
-        return {
-            file.id: [
-                index
-                for index in range(file.chunks)
-                if self._vault.exists(part_blob_id(upload.id, file.id, index))
-            ]
-            for file in upload.files
-        }
+    def received(self, upload: UploadSession) -> list[int]:
+        """Indexes of the chunks already stored (blocking: a stat per chunk)."""
+        return [index for index in range(upload.chunks) if self._vault.exists(upload.part(index))]
 
     async def write_chunk(
-        self, upload: UploadSession, file_id: int, index: int, body: AsyncIterator[bytes]
+        self, upload: UploadSession, layout: int, index: int, body: AsyncIterator[bytes]
     ) -> bool:
         """Stream one chunk into its own encrypted blob, durable when this returns.
 
         False when the chunk was already stored (a retry after a lost answer): the body is
-        not read. UploadRefused when the chunk is not part of the session or its length is
-        not exactly what the declared file size implies (then nothing is kept).
+        not read. UploadRefused when the chunk is not part of the session's current layout
+        or its length is not exactly the chunk's (then nothing is kept).
         """
         if upload.state != OPEN:
             raise UploadRefused("not_ready")
-        file = upload.file(file_id)
-        if file is None or not 0 <= index < file.chunks:
+        if layout != upload.layout or not upload.files:
+            raise UploadRefused("not_ready", "the file list changed")
+        if not 0 <= index < upload.chunks:
             raise UploadRefused("bad_request", "no such chunk")
-        blob_id = part_blob_id(upload.id, file_id, index)
+        blob_id = upload.part(index)
         if await asyncio.to_thread(self._vault.exists, blob_id):
             return False
-        expected = file.chunk_length(index)
+        expected = upload.chunk_length(index)
 
         async def exactly() -> AsyncIterator[bytes]:
             # Raising here, inside the stream, makes the vault discard the partial blob.
@@ -484,7 +509,8 @@ class UploadStore:
                 raise UploadRefused("bad_request", "chunk too short")
 
         try:
-            await self._vault.write_stream(blob_id, upload.key, exactly())
+            # No digest: nobody reads a part's hash; the intake hashes the files it is given.
+            await self._vault.write_stream(blob_id, upload.key, exactly(), digest=False)
         except FileExistsError:
             return False  # the same chunk arrived twice at once; one copy won
         return True
@@ -498,7 +524,7 @@ class UploadStore:
         if not upload.files:
             raise UploadRefused("not_ready", "no files")
         received = await asyncio.to_thread(self.received, upload)
-        if any(len(received[file.id]) != file.chunks for file in upload.files):
+        if len(received) != upload.chunks:
             raise UploadRefused("not_ready", "chunks missing")
         async with self._store.session() as session:
             await session.exec(
@@ -545,51 +571,44 @@ class UploadStore:
         async with self._store.reader() as session:
             return list((await session.exec(query)).all())
 
-    def file_pieces(self, upload: UploadSession, file: ManifestFile) -> Generator[bytes]:
-        """The file's plaintext in 1 MiB pieces, decrypted part by part (blocking)."""
-        for index in range(file.chunks):
-            blob_id = part_blob_id(upload.id, file.id, index)
-            with self._vault.reader(blob_id, upload.key) as reader:
-                if reader.size != file.chunk_length(index):
-                    raise UploadRefused("bad_request", "stored chunk has the wrong size")
-                while piece := reader.read(PIECE):
-                    yield piece
-
     def unit_pieces(self, upload: UploadSession, unit: HandoverUnit) -> Generator[bytes]:
         """The unit's bytes: the single file, or a ZIP (stored, not compressed: scans do
         not shrink) of its files built on the fly (blocking)."""
-        if not unit.zipped:
-            yield from self.file_pieces(upload, unit.files[0])
-            return
-        spool = _Spool()
-        taken: set[str] = set()
-        with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for file in unit.files:
-                info = zipfile.ZipInfo(_member_name(file, taken), _zip_time(file.modified))
-                info.file_size = file.size  # lets zipfile choose ZIP64 up front for big files
-                with archive.open(info, "w") as member:
-                    for piece in self.file_pieces(upload, file):
-                        member.write(piece)
-                        yield spool.take()
-                yield spool.take()
-        yield spool.take()
+        with _StreamReader(self._vault, upload) as stream:
+            if not unit.zipped:
+                yield from stream.pieces(unit.files[0])
+                return
+            spool = _Spool()
+            taken: set[str] = set()
+            with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for file in unit.files:
+                    info = zipfile.ZipInfo(_member_name(file, taken), _zip_time(file.modified))
+                    info.file_size = file.size  # lets zipfile choose ZIP64 up front
+                    with archive.open(info, "w") as member:
+                        for piece in stream.pieces(file):
+                            member.write(piece)
+                            yield spool.take()
+                    yield spool.take()
+            yield spool.take()
 
     # -- housekeeping ----------------------------------------------------------------
 
-    def delete_parts(self, session_id: str) -> int:
-        """Remove every part of a session, found by its id prefix (blocking)."""
+    def delete_parts(self, session_id: str, keep_layout: int | None = None) -> int:
+        """Remove every part of a session, found by its id prefix, or every part but those
+        of `keep_layout` (blocking)."""
         prefix = f"u{session_id}-"
+        kept = f"{prefix}{keep_layout}-" if keep_layout is not None else None
         shard = self._vault.blobs_dir / prefix[:2]
         removed = 0
         with contextlib.suppress(FileNotFoundError), os.scandir(shard) as entries:
-            names = [entry.name for entry in entries if entry.name.startswith(prefix)]
+            names = [
+                entry.name
+                for entry in entries
+                if entry.name.startswith(prefix) and not (kept and entry.name.startswith(kept))
+            ]
             for name in names:
                 removed += self._vault.delete(name)
         return removed
-
-    def _delete_file_parts(self, session_id: str, file: ManifestFile) -> None:
-        for index in range(file.chunks):
-            self._vault.delete(part_blob_id(session_id, file.id, index))
 
     async def sweep(self) -> int:
         """Expire open sessions past their time and remove what erased cases left; drop rows
@@ -617,6 +636,52 @@ class UploadStore:
             row = await session.get(UploadSessionRow, session_id)
             if row is not None:
                 await session.delete(row)
+
+
+class _StreamReader:
+    """Reads stretches of an upload's stream across its part blobs, decrypting as it goes
+    and keeping the current part open (files follow each other through the parts)."""
+
+    def __init__(self, vault: Vault, upload: UploadSession) -> None:
+        self._vault = vault
+        self._upload = upload
+        self._open: tuple[int, BlobReader] | None = None
+
+    def pieces(self, file: ManifestFile) -> Generator[bytes]:
+        """The file's bytes, in pieces of at most PIECE."""
+        upload = self._upload
+        position, end = file.offset, file.offset + file.size
+        while position < end:
+            index, skip = divmod(position, upload.part_size)
+            reader = self._part(index)
+            reader.seek(skip)
+            piece = reader.read(min(PIECE, end - position, reader.size - skip))
+            if not piece:
+                raise UploadRefused("bad_request", "stored chunk is short")
+            position += len(piece)
+            yield piece
+
+    def _part(self, index: int) -> BlobReader:
+        if self._open is not None and self._open[0] == index:
+            return self._open[1]
+        self.close()
+        reader = self._vault.reader(self._upload.part(index), self._upload.key)
+        if reader.size != self._upload.chunk_length(index):
+            reader.close()
+            raise UploadRefused("bad_request", "stored chunk has the wrong size")
+        self._open = (index, reader)
+        return reader
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+
+    def __enter__(self) -> _StreamReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def _field(session_id: str) -> str:

@@ -48,7 +48,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -87,6 +87,9 @@ HEADER_SIZE = _HEADER.size
 # allocate gigabytes before the first tag check fails.
 _MAX_CHUNK_SIZE = 64 << 20
 _CHUNK_TRAILER = struct.Struct(">QB")
+# write_stream hands pieces to its worker thread in batches of this many chunks: few thread
+# hops per blob, and at most two batches (one being stored, one being gathered) in memory.
+_STREAM_BATCH_CHUNKS = 4
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -121,7 +124,8 @@ class BlobInfo:
     """What a committed or verified blob holds.
 
     ``size`` and ``sha256`` (hex) describe the plaintext; ``stored_size`` is the size
-    of the encrypted file on disk.
+    of the encrypted file on disk. ``sha256`` is empty when the writer was asked not to
+    hash (``digest=False``).
     """
 
     blob_id: str
@@ -184,39 +188,56 @@ class Vault:
 
     # ----------------------------------------------------------------- writing
 
-    def writer(self, blob_id: str, key: bytes) -> BlobWriter:
+    def writer(self, blob_id: str, key: bytes, *, digest: bool = True) -> BlobWriter:
         """Start writing a new blob; see :class:`BlobWriter`.
 
         The blob becomes visible only when the writer is committed.  Committing fails
-        with FileExistsError if a blob with this id already exists.
+        with FileExistsError if a blob with this id already exists.  ``digest=False``
+        skips the plaintext's SHA-256 (its BlobInfo.sha256 is then empty) for callers
+        that never use it.
         """
         validate_blob_id(blob_id)
         _check_key(key)
-        return BlobWriter(self, blob_id, key)
+        return BlobWriter(self, blob_id, key, digest=digest)
 
     async def write_stream(
         self,
         blob_id: str,
         key: bytes,
         chunks: AsyncIterator[bytes] | AsyncIterable[bytes],
+        *,
+        digest: bool = True,
     ) -> BlobInfo:
         """Encrypt an async stream of byte pieces into a new blob and commit it.
 
-        Incoming pieces (e.g. aiogram's 64 KiB download pieces) are only copied into
-        the chunk buffer on the event loop; encryption, hashing, file writes, fsync and
-        rename run in a worker thread once per chunk, so the loop never blocks on disk
-        or crypto.  On any error or cancellation the temporary file is removed.
+        The event loop only gathers the incoming pieces (e.g. aiogram's 64 KiB download
+        pieces, an upload's request body), without copying them, into batches of a few
+        chunks; a worker thread copies, hashes, encrypts and writes each batch while the
+        loop gathers the next, so receiving and storing overlap and the loop never blocks
+        on disk or crypto.  At most two batches are held (one being stored, one being
+        gathered).  The last batch, the fsync and the rename go in one more thread call.
+        On any error or cancellation the temporary file is removed.
         """
-        writer = await asyncio.to_thread(self.writer, blob_id, key)
+        writer = await asyncio.to_thread(self.writer, blob_id, key, digest=digest)
+        batch_size = _STREAM_BATCH_CHUNKS * self.chunk_size
+        storing: asyncio.Task[None] | None = None
         try:
+            batch: list[bytes] = []
+            gathered = 0
             async for piece in chunks:
-                view = memoryview(piece).cast("B")
-                while view:
-                    if writer._buffer_full():
-                        await asyncio.to_thread(writer._emit_buffer, False)
-                    view = view[writer._fill(view) :]
-            return await asyncio.to_thread(writer.commit)
+                batch.append(piece)
+                gathered += len(piece)
+                if gathered >= batch_size:
+                    if storing is not None:
+                        await storing
+                    storing = asyncio.create_task(asyncio.to_thread(writer.write_many, batch))
+                    batch, gathered = [], 0
+            if storing is not None:
+                await storing
+            return await asyncio.to_thread(writer.commit_after, batch)
         except BaseException:
+            if storing is not None:
+                storing.cancel()  # its thread runs on; abort() below waits for it
             # Shielded so a second cancellation cannot skip the cleanup; abort() takes
             # the writer lock, so it waits for a chunk write still running in a thread
             # instead of closing the descriptor under it.
@@ -330,7 +351,7 @@ class BlobWriter:
     Not safe for concurrent use from several threads.
     """
 
-    def __init__(self, vault: Vault, blob_id: str, key: bytes) -> None:
+    def __init__(self, vault: Vault, blob_id: str, key: bytes, *, digest: bool = True) -> None:
         """Create the temp file and write the header; use :meth:`Vault.writer`."""
         self.blob_id = blob_id
         self._vault = vault
@@ -341,11 +362,12 @@ class BlobWriter:
         # Preallocated once: slice assignment into a fixed buffer never reallocates,
         # which keeps peak memory at one chunk.
         self._buf = bytearray(self._chunk_size)
+        self._sealed = bytearray(NONCE_SIZE + self._chunk_size + TAG_SIZE)
         self._filled = 0
         self._index = 0
         self._size = 0
         self._stored = 0
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if digest else None
         self._info: BlobInfo | None = None
         self._aborted = False
         # Serialises chunk emission, commit and abort: write_stream may abort from the
@@ -403,6 +425,16 @@ class BlobWriter:
             raise
         return total
 
+    def write_many(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
+        """:meth:`write` each piece in turn (one worker-thread call for a batch)."""
+        for piece in pieces:
+            self.write(piece)
+
+    def commit_after(self, pieces: Iterable[bytes | bytearray | memoryview]) -> BlobInfo:
+        """Write the last pieces, then :meth:`commit`."""
+        self.write_many(pieces)
+        return self.commit()
+
     def flush(self) -> None:
         """No-op; present because aiogram calls it after every piece."""
         self._check_open()
@@ -427,7 +459,8 @@ class BlobWriter:
             except BaseException:
                 self.abort()
                 raise
-            self._info = BlobInfo(self.blob_id, self._size, self._sha.hexdigest(), self._stored)
+            digest = self._sha.hexdigest() if self._sha is not None else ""
+            self._info = BlobInfo(self.blob_id, self._size, digest, self._stored)
             self._release_buffer()
             return self._info
 
@@ -503,15 +536,20 @@ class BlobWriter:
             plain = memoryview(self._buf)[: self._filled]
             # Hash here, not in write(): this runs in a worker thread under
             # write_stream, and hashlib releases the GIL for large buffers.
-            self._sha.update(plain)
+            if self._sha is not None:
+                self._sha.update(plain)
             nonce = secrets.token_bytes(NONCE_SIZE)
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
-            sealed = self._aead.encrypt(nonce, plain, aad)
+            # Nonce, ciphertext and tag laid out in one reused buffer: one write, and no
+            # fresh megabyte to allocate (and for the kernel to zero) per chunk.
+            stored = NONCE_SIZE + self._filled + TAG_SIZE
+            sealed = memoryview(self._sealed)[:stored]
+            sealed[:NONCE_SIZE] = nonce
+            self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
             plain.release()
-            # Two writes instead of nonce + sealed: concatenating would copy the chunk.
-            write_all(self._fd, nonce)
             write_all(self._fd, sealed)
-            self._stored += NONCE_SIZE + len(sealed)
+            sealed.release()
+            self._stored += stored
             self._size += self._filled
             self._index += 1
             self._filled = 0
@@ -546,6 +584,7 @@ class BlobWriter:
 
     def _release_buffer(self) -> None:
         self._buf = bytearray()
+        self._sealed = bytearray()
         self._filled = 0
 
 

@@ -1,18 +1,25 @@
-"""Web upload benchmark: `python bench/upload_bench.py [--quick | --mb N]` from the project root.
+"""Web upload benchmark: `python bench/upload_bench.py [--quick | --mb N] [--rounds R]`.
 
 Generates a study (DICOM files of 4 MiB with random pixels, 1 GiB by default, 50 MiB with
---quick) and, in the same run, over loopback:
+--quick) and, in each round, side by side over loopback:
 
 * `curl -T` of the files to a trivial aiohttp sink that reads and drops the bytes: the
   baseline (goal: the upload endpoint at >= 0.7x its throughput);
-* this script's client, speaking the page's protocol (8 MiB chunks, 3 in flight), to the
-  same sink: what the client itself costs;
-* the same client to the real upload sub-app (bot.upload) on a real App: every chunk
-  encrypted into its own vault blob and fsynced before it is acknowledged;
-* the hand-over that follows (the folder as one ZIP through the intake: checks, members),
-  timed apart: it is not part of the upload the patient waits on with the page open.
+* `curl -T` of the files to a durable sink that writes each body to a file and fsyncs it
+  before answering (no encryption, names or checks);
+* `dd bs=1M conv=fsync` of the same bytes into one file: what this disk takes durably with
+  one fsync at the end and no network at all, the ceiling for anything that must store them;
+* the page's protocol (the chunks the server asks for, PARALLEL in flight) sent by curl to
+  the trivial sink: what the protocol itself costs, with a client as fast as curl; and to
+  the durable sink: the same chunks stored and fsynced, without encryption or the vault;
+* the same to the real upload sub-app (bot.upload) on a real App: every chunk encrypted into
+  its own vault blob and fsynced before it is acknowledged;
+* after the last round, the hand-over that follows (the folder as one ZIP through the
+  intake: checks, members), timed apart: the patient does not wait on it with the page open.
 
-Servers run in their own processes; their peak RSS (VmHWM) is printed.
+Ratios are taken within each round and the median over the rounds is printed, so load from
+elsewhere on the machine moves both sides of a ratio alike. Servers run in their own
+processes; their peak RSS (VmHWM) is printed.
 """
 
 from __future__ import annotations
@@ -21,14 +28,17 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -80,7 +90,9 @@ def serve_sink(port: int, durable: bool) -> None:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def serve_upload(data_dir: Path, port: int) -> None:
+def serve_upload(data_dir: Path, port: int, cases: int) -> None:
+    """The upload sub-app on the bot's own server set-up (bot.web.start_server); prints one
+    link per case (a link serves one upload: each round needs its own)."""
     import logging
 
     from aiohttp import web
@@ -89,7 +101,8 @@ def serve_upload(data_dir: Path, port: int) -> None:
     from adapters.tables import CaseRow
     from bot.app import build_app, prepare
     from bot.settings import Settings
-    from bot.upload import ScrubbedAccessLogger, UploadLinks, make_upload_app
+    from bot.upload import UploadLinks, make_upload_app
+    from bot.web import start_server
     from core.events import Event, EventKind
     from core.ports import Patient
 
@@ -99,26 +112,27 @@ def serve_upload(data_dir: Path, port: int) -> None:
 
     async def main() -> None:
         app = build_app(settings)
-        patient = Patient(4242, 4242, "en")
-        events = [
-            Event(EventKind.START),
-            Event(EventKind.AGREE),
-            Event(EventKind.CHOOSE_PROCEDURE, "general"),
-            Event(EventKind.TEXT, "Ann Example"),
-            Event(EventKind.TEXT, "31.01.1980"),
-        ]
-        for update_id, event in enumerate(events, 1):
-            await app.service.handle(patient, event, update_id)
-        async with app.store.reader() as session:
-            case = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 4242))).one()
-        base = f"http://127.0.0.1:{port}"
-        link = await UploadLinks(app, settings, base_url=base).issue_link(case.id, "imaging", 4242)
+        links = UploadLinks(app, settings, base_url=f"http://127.0.0.1:{port}")
+        issued = []
+        for chat_id in range(4242, 4242 + cases):
+            patient = Patient(chat_id, chat_id, "en")
+            events = [
+                Event(EventKind.START),
+                Event(EventKind.AGREE),
+                Event(EventKind.CHOOSE_PROCEDURE, "general"),
+                Event(EventKind.TEXT, "Ann Example"),
+                Event(EventKind.TEXT, "31.01.1980"),
+            ]
+            for update_id, event in enumerate(events, chat_id * 10):
+                await app.service.handle(patient, event, update_id)
+            async with app.store.reader() as session:
+                query = select(CaseRow).where(CaseRow.chat_id == chat_id)
+                case = (await session.exec(query)).one()
+            issued.append(await links.issue_link(case.id, "imaging", chat_id))
         root = web.Application()
         root.add_subapp("/upload/", make_upload_app(app, settings))
-        runner = web.AppRunner(root, access_log_class=ScrubbedAccessLogger)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        print(link, flush=True)
+        await start_server(root, "127.0.0.1", port)
+        print(" ".join(issued), flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -201,66 +215,106 @@ def write_study(folder: Path, total_mib: int) -> list[Path]:
 # -- clients -------------------------------------------------------------------------------------
 
 
-def curl_upload(paths: list[Path], url: str) -> float:
-    started = time.perf_counter()
+def curl(*args: str) -> None:
     subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "--fail",
-            "-o",
-            "/dev/null",
-            "-H",
-            "Expect:",
-            "-T",
-            "{" + ",".join(map(str, paths)) + "}",
-            url + "/",
-        ],
-        check=True,
+        ["curl", "-sS", "--no-progress-meter", "--fail", "-H", "Expect:", *args], check=True
     )
+
+
+def curl_upload(paths: list[Path], url: str) -> float:
+    """Each file in its own PUT, one after the other on one connection."""
+    started = time.perf_counter()
+    curl("-o", "/dev/null", "-T", "{" + ",".join(map(str, paths)) + "}", url + "/")
     return time.perf_counter() - started
 
 
-async def protocol_upload(paths: list[Path], api: str, token: str | None) -> float:
-    """The page's protocol: declare the files, then PUT 8 MiB chunks, 3 in flight."""
-    import aiohttp
+def dd_copy(paths: list[Path], target: Path) -> float:
+    """The same bytes into one file with a plain `dd conv=fsync`: no network, no crypto."""
+    started = time.perf_counter()
+    with subprocess.Popen(["cat", *map(str, paths)], stdout=subprocess.PIPE) as cat:
+        subprocess.run(
+            ["dd", f"of={target}", "bs=1M", "iflag=fullblock", "conv=fsync", "status=none"],
+            stdin=cat.stdout,
+            check=True,
+        )
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
 
+
+def manifest(paths: list[Path]) -> list[dict[str, Any]]:
+    return [{"path": f"CD/DICOM/{p.name}", "size": p.stat().st_size, "modified": 0} for p in paths]
+
+
+FIRST_LAYOUT = 1  # the layout number of a fresh upload's first file list
+
+
+def cut_chunks(paths: list[Path], folder: Path) -> list[tuple[str, Path]]:
+    """The page's chunks of the study, as (URL below the API, file holding the body): the
+    files as one stream cut every PART_SIZE bytes, as the server lays out a fresh upload.
+    Cut into files here, before any clock runs (a browser sends slices of the picked files
+    without copying them)."""
     from adapters.uploads import PART_SIZE
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    manifest = [
-        {"path": f"CD/DICOM/{p.name}", "size": p.stat().st_size, "modified": 0} for p in paths
-    ]
-    started = time.perf_counter()
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{api}/files", json={"files": manifest}, headers=headers) as resp:
-            resp.raise_for_status()
-            ids = (
-                [f["id"] for f in (await resp.json())["files"]]
-                if token
-                else list(range(len(paths)))
-            )
-        queue = [
-            (path, file_id, index)
-            for path, file_id in zip(paths, ids, strict=True)
-            for index in range(-(-path.stat().st_size // PART_SIZE))
-        ]
+    folder.mkdir(exist_ok=True)
+    bodies: list[tuple[str, Path]] = []
+    pending = bytearray()
 
-        def read(path: Path, index: int) -> bytes:
-            with path.open("rb") as handle:
-                handle.seek(index * PART_SIZE)
-                return handle.read(PART_SIZE)
+    def flush(final: bool) -> None:
+        while len(pending) >= PART_SIZE or (final and pending):
+            body = folder / str(len(bodies))
+            body.write_bytes(pending[:PART_SIZE])
+            del pending[:PART_SIZE]
+            bodies.append((f"chunks/{FIRST_LAYOUT}/{len(bodies)}", body))
 
-        async def worker() -> None:
-            while queue:
-                path, file_id, index = queue.pop(0)
-                body = await asyncio.to_thread(read, path, index)
-                url = f"{api}/files/{file_id}/chunks/{index}"
-                async with http.put(url, data=body, headers=headers) as resp:
-                    resp.raise_for_status()
+    for path in paths:
+        with path.open("rb") as source:
+            while piece := source.read(MIB):
+                pending += piece
+                flush(final=False)
+    flush(final=True)
+    return bodies
 
-        await asyncio.gather(*(worker() for _ in range(PARALLEL)))
-    return time.perf_counter() - started
+
+def protocol_upload(
+    files: list[dict[str, Any]], bodies: list[tuple[str, Path]], api: str, token: str | None
+) -> float:
+    """The page's protocol, sent by curl: declare the files, then PUT every chunk, PARALLEL
+    at a time (one curl, --parallel). With a token (the real endpoint), the answer to the
+    declaration must be the layout the chunks were cut for."""
+    from adapters.uploads import PART_SIZE
+
+    auth = ["-H", f"Authorization: Bearer {token}"] if token else []
+    config = Path(tempfile.mkstemp(prefix="upload-bench-", suffix=".curl")[1])
+    answer = config.with_suffix(".json")
+    config.write_text(
+        "".join(
+            f'url = "{api}/{url}"\nupload-file = "{body}"\noutput = "/dev/null"\n'
+            for url, body in bodies
+        )
+    )
+    try:
+        started = time.perf_counter()
+        declared = json.dumps({"files": files})
+        curl(
+            "-o",
+            str(answer),
+            *auth,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            declared,
+            f"{api}/files",
+        )
+        if token:
+            layout = json.loads(answer.read_text())
+            if (layout["layout"], layout["part_size"]) != (FIRST_LAYOUT, PART_SIZE):
+                raise SystemExit(f"unexpected layout {layout['layout']}, {layout['part_size']}")
+        curl("-Z", "--parallel-max", str(PARALLEL), *auth, "-K", str(config))
+        return time.perf_counter() - started
+    finally:
+        config.unlink()
+        answer.unlink(missing_ok=True)
 
 
 async def hand_over(api: str, token: str) -> float:
@@ -282,72 +336,103 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 50 MiB study")
     parser.add_argument("--mb", type=int, default=1024, help="study size in MiB")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measure")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--durable-sink", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink or args.durable_sink:
         serve_sink(args.sink or args.durable_sink, durable=bool(args.durable_sink))
         return 0
     if args.serve:
-        serve_upload(Path(args.serve[0]), int(args.serve[1]))
+        serve_upload(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
         return 0
-    if shutil.which("curl") is None:
-        raise SystemExit("curl is needed for the baseline (apt-get install curl)")
+    for tool in ("curl", "dd", "cat"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed for the baselines")
     size_mib = 50 if args.quick else args.mb
 
     work = Path(tempfile.mkdtemp(prefix="upload-bench-", dir=os.environ.get("TMPDIR")))
+    servers: list[subprocess.Popen[str]] = []
     try:
         paths = write_study(work / "CD", size_mib)
         total = sum(p.stat().st_size for p in paths)
-        print(f"study: {len(paths)} DICOM files, {total / MIB:.0f} MiB (random pixels)")
+        files = manifest(paths)
+        bodies = cut_chunks(paths, work / "chunks")
+        print(
+            f"study: {len(paths)} DICOM files, {total / MIB:.0f} MiB (random pixels), "
+            f"{len(bodies)} chunks; {args.rounds} rounds"
+        )
         print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
 
-        def phase(run: Callable[[], float]) -> float:
-            os.sync()  # each phase starts with no dirty pages left by the one before
+        sink, sink_url = start_sink("--sink")
+        durable, durable_url = start_sink("--durable-sink")
+        port = free_port()
+        server, links = start("--serve", str(work / "data"), str(port), str(args.rounds))
+        servers += [sink, durable, server]
+        wait_for_port(port)
+        rss_idle = peak_rss_mib(server.pid)
+        api = f"http://127.0.0.1:{port}/upload/api"
+        tokens = [link.rsplit("/", 1)[1] for link in links.split()]
+
+        def timed(run: Callable[[], float]) -> float:
+            os.sync()  # each measure starts with no dirty pages left by the one before
             return run()
 
-        sink, sink_url = start_sink("--sink")
-        try:
-            curl_s = phase(lambda: curl_upload(paths, sink_url))
-            client_s = phase(lambda: asyncio.run(protocol_upload(paths, sink_url, None)))
-            sink_rss = peak_rss_mib(sink.pid)
-        finally:
-            stop(sink)
-        durable, durable_url = start_sink("--durable-sink")
-        try:
-            curl_durable_s = phase(lambda: curl_upload(paths, durable_url))
-        finally:
-            stop(durable)
+        rounds: list[dict[str, float]] = []
+        for number, token in enumerate(tokens):
+            measures: dict[str, Callable[[], float]] = {
+                "curl": lambda: curl_upload(paths, sink_url),
+                "durable": lambda: curl_upload(paths, durable_url),
+                "dd": lambda: dd_copy(paths, work / "dd-copy"),
+                "client": lambda: protocol_upload(files, bodies, sink_url, None),
+                "client_durable": lambda: protocol_upload(files, bodies, durable_url, None),
+                "upload": lambda: protocol_upload(files, bodies, api, token),  # noqa: B023
+            }
+            # Every other round runs them in the reverse order: a load that rises or falls
+            # through a round does not always favour the same side.
+            order = list(measures) if number % 2 == 0 else list(reversed(measures))
+            rounds.append({name: timed(measures[name]) for name in order})
+        rss_upload = peak_rss_mib(server.pid)
+        handover_s = asyncio.run(hand_over(api, tokens[-1]))
+        rss_handover = peak_rss_mib(server.pid)
+        sink_rss, durable_rss = peak_rss_mib(sink.pid), peak_rss_mib(durable.pid)
 
-        port = free_port()
-        server, link = start("--serve", str(work / "data"), str(port))
-        try:
-            wait_for_port(port)
-            rss_idle = peak_rss_mib(server.pid)
-            api, token = f"http://127.0.0.1:{port}/upload/api", link.rsplit("/", 1)[1]
-            upload_s = phase(lambda: asyncio.run(protocol_upload(paths, api, token)))
-            rss_upload = peak_rss_mib(server.pid)
-            handover_s = asyncio.run(hand_over(api, token))
-            rss_handover = peak_rss_mib(server.pid)
-        finally:
-            stop(server)
+        def median(name: str) -> float:
+            return statistics.median(r[name] for r in rounds)
 
-        def rate(seconds: float) -> str:
-            return f"{total / MIB / seconds:5.0f} MiB/s ({seconds:6.2f} s)"
+        def ratio(fast: str, slow: str) -> float:
+            """Throughput of `slow` over that of `fast` (times the other way round)."""
+            return statistics.median(r[fast] / r[slow] for r in rounds)
 
-        print(f"curl -> sink (drops the bytes)        {rate(curl_s)}")
-        print(f"curl -> durable sink (write + fsync)  {rate(curl_durable_s)}")
-        print(f"page protocol -> sink                 {rate(client_s)}")
-        print(f"page protocol -> upload endpoint      {rate(upload_s)}")
+        def rate(name: str) -> str:
+            seconds = [r[name] for r in rounds]
+            spread = f"{total / MIB / max(seconds):.0f}-{total / MIB / min(seconds):.0f}"
+            return f"{total / MIB / median(name):5.0f} MiB/s (rounds: {spread})"
+
+        print(f"curl -> sink (drops the bytes)              {rate('curl')}")
+        print(f"curl -> durable sink (write + fsync a file) {rate('durable')}")
+        print(f"dd conv=fsync of the same bytes, no network {rate('dd')}")
+        print(f"page protocol (curl) -> sink                {rate('client')}")
+        print(f"page protocol (curl) -> durable sink        {rate('client_durable')}")
+        print(f"page protocol (curl) -> upload endpoint     {rate('upload')}")
         print(
-            f"ratios of the upload endpoint: {curl_s / upload_s:.2f}x curl to the sink "
-            f"(goal >= 0.7x), {curl_durable_s / upload_s:.2f}x curl to the durable sink, "
-            f"{client_s / upload_s:.2f}x the same client to the sink"
+            f"upload endpoint: {ratio('curl', 'upload'):.2f}x curl to the sink (goal >= 0.7x), "
+            f"{ratio('durable', 'upload'):.2f}x curl to the durable sink, "
+            f"{ratio('dd', 'upload'):.2f}x dd conv=fsync; "
+            f"{ratio('client', 'upload'):.2f}x the same chunks to the sink, "
+            f"{ratio('client_durable', 'upload'):.2f}x to the durable sink"
+        )
+        print(
+            f"references, to curl -> sink: dd conv=fsync {ratio('curl', 'dd'):.2f}x, the durable "
+            f"sink {ratio('curl', 'durable'):.2f}x, the page's chunks to the sink "
+            f"{ratio('curl', 'client'):.2f}x and to the durable sink "
+            f"{ratio('curl', 'client_durable'):.2f}x"
         )
         print(
             f"peak RSS: upload server {rss_idle:.0f} MiB idle, {rss_upload:.0f} MiB after the "
-            f"upload, {rss_handover:.0f} MiB after the hand-over; sink {sink_rss:.0f} MiB"
+            f"uploads, {rss_handover:.0f} MiB after the hand-over; sinks {sink_rss:.0f} and "
+            f"{durable_rss:.0f} MiB"
         )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
         print(
@@ -355,6 +440,8 @@ def main() -> int:
             f"{handover_s:.2f} s = {total / MIB / handover_s:.0f} MiB/s"
         )
     finally:
+        for process in servers:
+            stop(process)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # The upload page (WEB_BASE_URL): how long a link works, and the most a case may hold.
     upload_link_hours: int = Field(default=24, ge=1, le=24 * 30)
     upload_max_case_bytes: int = Field(default=4 * 1024**3, ge=1024**2)
+    # The upload page's chunk (one request body each): lower it only for a proxy whose body
+    # limit is smaller than 16 MiB; bounds as adapters.uploads.MIN/MAX_PART_SIZE.
+    upload_part_bytes: int = Field(default=16 * 1024**2, ge=16 * 1024, le=64 * 1024**2)
     # The web server (bot/web.py): probes, metrics, the webhook. WEB_BASE_URL is the public
     # https address the reverse proxy serves; WEB_HOST:WEB_PORT is where this process listens
     # behind it. Without WEB_PORT, `run` opens no port and `webhook` listens on 8080.

@@ -17,8 +17,10 @@ Routes (relative to the mount point)::
     GET  app?case=<id>                  the page inside Telegram
     GET  static/page.js, static/page.css
     GET  api/status                     state, bytes declared and stored
-    POST api/files                      the picked files; answers which chunks are stored
-    PUT  api/files/<file>/chunks/<n>    one chunk, exactly PART_SIZE bytes (the last shorter)
+    POST api/files                      the picked files; answers the stream's layout (each
+                                        file's offset, the part size) and the chunks stored
+    PUT  api/chunks/<layout>/<n>        chunk n of the stream (the files one after the
+                                        other): exactly the part size (the last shorter)
     POST api/finish                     every chunk is in: hand the files to the intake
 
 API requests authenticate with ``Authorization: Bearer <token>`` or ``tma <initData>``
@@ -304,7 +306,8 @@ class _UploadServer:
     def __init__(self, app: App, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.uploads = UploadStore(app.store, app.vault, app.store.keys)
+        part_size = int(getattr(settings, "upload_part_bytes", PART_SIZE))
+        self.uploads = UploadStore(app.store, app.vault, app.store.keys, part_size)
         self.max_case_bytes = int(getattr(settings, "upload_max_case_bytes", MAX_CASE_BYTES))
         self.by_ip = RateLimiter(IP_RATE, IP_BURST)
         self.by_session = RateLimiter(SESSION_RATE, SESSION_BURST)
@@ -405,13 +408,10 @@ class _UploadServer:
         received = 0
         if upload.state == OPEN and upload.files:
             have = await asyncio.to_thread(self.uploads.received, upload)
-            received = sum(
-                file.chunk_length(index) for file in upload.files for index in have[file.id]
-            )
+            received = sum(upload.chunk_length(index) for index in have)
         return web.json_response(
             {
                 "state": upload.state,
-                "part_size": PART_SIZE,
                 "files": len(upload.files),
                 "total": upload.total_bytes,
                 "received": received,
@@ -422,23 +422,28 @@ class _UploadServer:
         upload = await self._authorise(request)
         body = await _read_json(request)
         entries = body.get("files") if isinstance(body, dict) else None
-        upload, order = await self.uploads.set_files(upload, entries, self.max_case_bytes)
+        upload, offsets = await self.uploads.set_files(upload, entries, self.max_case_bytes)
         have = await asyncio.to_thread(self.uploads.received, upload)
         return web.json_response(
-            {"part_size": PART_SIZE, "files": [{"id": i, "have": have[i]} for i in order]}
+            {
+                "layout": upload.layout,
+                "part_size": upload.part_size,
+                "total": upload.total_bytes,
+                "offsets": offsets,
+                "have": have,
+            }
         )
 
     async def put_chunk(self, request: web.Request) -> web.Response:
         upload = await self._authorise(request)
-        file_id, index = int(request.match_info["file"]), int(request.match_info["index"])
-        file = upload.file(file_id)
-        if file is None or not 0 <= index < file.chunks:
+        layout, index = int(request.match_info["layout"]), int(request.match_info["index"])
+        if layout == upload.layout and not 0 <= index < upload.chunks:
             raise UploadRefused("bad_request", "no such chunk")
         # The declared length must be exact: no chunked bodies, nothing beyond one chunk.
-        if request.content_length != file.chunk_length(index):
+        if layout == upload.layout and request.content_length != upload.chunk_length(index):
             raise UploadRefused("bad_request", "length")
         stored = await self.uploads.write_chunk(
-            upload, file_id, index, request.content.iter_chunked(PIECE)
+            upload, layout, index, request.content.iter_chunked(PIECE)
         )
         return web.json_response({"stored": True, "new": stored})
 
@@ -574,7 +579,6 @@ class _UploadServer:
             "case": case_id,
             "lang": lang,
             "api": api,
-            "part_size": PART_SIZE,
             "text": self._texts(lang),
         }
         # JSON inside <script type="application/json">: data, never run; "<" escaped so no
@@ -616,7 +620,7 @@ def make_upload_app(app: App, settings: Settings) -> web.Application:
         sub.router.add_get(f"/static/{name}", server.asset, name=name)
     sub.router.add_get("/api/status", server.status, name="status")
     sub.router.add_post("/api/files", server.declare, name="files")
-    sub.router.add_put(r"/api/files/{file:\d{1,6}}/chunks/{index:\d{1,6}}", server.put_chunk)
+    sub.router.add_put(r"/api/chunks/{layout:\d{1,9}}/{index:\d{1,9}}", server.put_chunk)
     sub.router.add_post("/api/finish", server.finish, name="finish")
     sub.on_startup.append(server.on_startup)
     sub.on_cleanup.append(server.on_cleanup)

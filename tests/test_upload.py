@@ -15,6 +15,7 @@ import asyncio
 import copy
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from sqlmodel import col, func, select
 
 from adapters.store import utcnow
 from adapters.tables import CaseRow, FileMemberRow, FileRow, OutboxRow, UploadSessionRow
-from adapters.uploads import PART_SIZE, UploadSession, UploadStore, part_blob_id
+from adapters.uploads import ManifestFile, UploadSession, UploadStore, plan_handover
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
 from bot.upload import ScrubbedAccessLogger, UploadLinks, check_init_data, make_upload_app
@@ -59,6 +60,9 @@ ARTIFACTS = ROOT / "test-artifacts"  # gitignored
 # The page's messages, until they are merged into the catalogs (then the catalogs answer).
 MSGS_FILE = Path("/tmp/msgs/upload.py")
 STUDY_FILES = 300
+# The chunk size here (UPLOAD_PART_BYTES): small, so the test study (300 small scans, ~7 MB,
+# one stream) is a few hundred chunks and the server can be stopped in the middle.
+PART = 32 * 1024
 
 
 # -- the app and its server ------------------------------------------------------------------
@@ -146,6 +150,7 @@ async def server(tmp_path: Path) -> AsyncIterator[UploadServer]:
         database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
         bot_token=BOT_TOKEN,
         coordinator_chat_id=COORDINATOR,
+        upload_part_bytes=PART,
     )
     await asyncio.to_thread(prepare, settings)
     upload_server = UploadServer(settings, free_port())
@@ -188,9 +193,12 @@ def vault_files(app: App) -> set[str]:
     return {path.name for path in (app.vault.root / "blobs").rglob("*") if path.is_file()}
 
 
+def store_of(app: App) -> UploadStore:
+    return UploadStore(app.store, app.vault, app.store.keys)
+
+
 async def session_of(app: App, link: str) -> UploadSession:
-    store = UploadStore(app.store, app.vault, app.store.keys)
-    return await store.by_token(link.rsplit("/", 1)[1], complete_ok=True)
+    return await store_of(app).by_token(link.rsplit("/", 1)[1], complete_ok=True)
 
 
 def bearer(link: str) -> dict[str, str]:
@@ -282,6 +290,8 @@ async def test_page_uploads_a_cd_folder_through_a_restart_and_a_reload(
     link = await server.links().issue_link(case_id, "imaging", CHAT_A)
     token = link.rsplit("/", 1)[1]
     sent = write_study(tmp_path / "CD", STUDY_FILES)
+    chunks = -(-sum(path.stat().st_size for path in sent) // PART)
+    assert chunks > 150  # many small files, fewer and larger chunks (each spans files)
     upload = await session_of(app, link)
 
     async def stored_parts() -> int:
@@ -289,7 +299,7 @@ async def test_page_uploads_a_cd_folder_through_a_restart_and_a_reload(
             current(server).store, current(server).vault, current(server).store.keys
         )
         fresh = await store.get(upload.id)
-        return sum(len(have) for have in (await asyncio.to_thread(store.received, fresh)).values())
+        return len(await asyncio.to_thread(store.received, fresh))
 
     server.delay = 0.02
     async with async_playwright() as playwright:
@@ -321,7 +331,7 @@ async def test_page_uploads_a_cd_folder_through_a_restart_and_a_reload(
             server.chunk_puts, server.delay = 0, 0.0
             await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
             await page.wait_for_selector("body[data-state=complete]", timeout=180_000)
-            assert server.chunk_puts <= STUDY_FILES - already, "stored chunks were sent again"
+            assert server.chunk_puts <= chunks - already, "stored chunks were sent again"
             print(f"\n{already} chunks stored before the reload, {server.chunk_puts} sent after")
             assert await page.inner_text("#notice") == text(app, "done")
             ARTIFACTS.mkdir(exist_ok=True)
@@ -376,7 +386,7 @@ async def test_page_uploads_a_cd_folder_through_a_restart_and_a_reload(
         ) as response:
             assert response.status == 410
         async with http.put(
-            f"{server.base_url}/upload/api/files/0/chunks/0", data=b"abc", headers=bearer(link)
+            f"{server.base_url}/upload/api/chunks/1/0", data=b"abc", headers=bearer(link)
         ) as response:
             assert response.status == 410
     assert (await count(app, FileRow), vault_files(app)) == before
@@ -396,29 +406,43 @@ async def _wrapped(app: App, case_id: str) -> bytes:
 # -- the protocol, without a browser -------------------------------------------------------
 
 
+async def declare(
+    http: aiohttp.ClientSession, api: str, headers: dict[str, str], files: list[dict[str, Any]]
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{api}/files", json={"files": files}, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def put_stream(
+    http: aiohttp.ClientSession,
+    api: str,
+    headers: dict[str, str],
+    answer: dict[str, Any],
+    stream: bytes,
+) -> int:
+    """Send the chunks of the declared stream the server does not hold, as the page does;
+    the status of the last answer."""
+    part, status = answer["part_size"], 200
+    for index in range(-(-len(stream) // part)):
+        if index in answer["have"]:
+            continue
+        url = f"{api}/chunks/{answer['layout']}/{index}"
+        body = stream[index * part : (index + 1) * part]
+        async with http.put(url, data=body, headers=headers) as response:
+            status = response.status
+    return status
+
+
 async def put_file(
     http: aiohttp.ClientSession, base: str, headers: dict[str, str], data: bytes, name: str
 ) -> tuple[int, int]:
     """Declare one file and send its chunks as the page does; (status of the last answer,
-    file id)."""
-    async with http.post(
-        f"{base}/upload/api/files",
-        json={
-            "files": [{"path": name, "size": len(data), "type": "application/pdf", "modified": 1}]
-        },
-        headers=headers,
-    ) as response:
-        if response.status != 200:
-            return response.status, -1
-        file_id = (await response.json())["files"][0]["id"]
-    status = 200
-    for index in range(-(-len(data) // PART_SIZE)):
-        chunk = data[index * PART_SIZE : (index + 1) * PART_SIZE]
-        async with http.put(
-            f"{base}/upload/api/files/{file_id}/chunks/{index}", data=chunk, headers=headers
-        ) as response:
-            status = response.status
-    return status, file_id
+    the layout)."""
+    declared = [{"path": name, "size": len(data), "type": "application/pdf", "modified": 1}]
+    status, answer = await declare(http, f"{base}/upload/api", headers, declared)
+    if status != 200:
+        return status, -1
+    return await put_stream(http, f"{base}/upload/api", headers, answer, data), answer["layout"]
 
 
 async def finish_and_wait(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> None:
@@ -441,10 +465,12 @@ async def test_a_file_goes_through_the_intake_once_and_the_link_is_then_spent(
     letter = pdf_bytes(["Referral from Dr Example"])
     api = f"{server.base_url}/upload/api"
     async with aiohttp.ClientSession() as http:
-        status, _ = await put_file(http, server.base_url, bearer(link), letter, "referral.pdf")
+        status, layout = await put_file(http, server.base_url, bearer(link), letter, "ref.pdf")
         assert status == 200
         # A chunk sent twice (its answer was lost) is stored once.
-        async with http.put(f"{api}/files/0/chunks/0", data=letter, headers=bearer(link)) as resp:
+        first = letter[:PART]
+        url = f"{api}/chunks/{layout}/0"
+        async with http.put(url, data=first, headers=bearer(link)) as resp:
             assert resp.status == 200 and (await resp.json())["new"] is False
         await finish_and_wait(http, api, bearer(link))
         # The finish arriving again (a retry) changes nothing.
@@ -463,7 +489,99 @@ async def test_a_file_goes_through_the_intake_once_and_the_link_is_then_spent(
         replies = (
             await session.exec(select(OutboxRow.payload).where(OutboxRow.chat_id == CHAT_A))
         ).all()
-    assert replies and all("referral.pdf" not in payload for payload in replies)
+    assert replies and all("ref.pdf" not in payload for payload in replies)
+
+
+async def test_the_files_travel_as_one_stream_and_another_list_starts_again(
+    server: UploadServer,
+) -> None:
+    """A chunk holds the end of one file and the start of the next; the same list declared
+    again keeps what is stored, another list is a new layout (the old chunks go, a chunk for
+    the old layout is refused); the hand-over cuts the stream back into the files."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    contents = {
+        "CD/A": os.urandom(PART + PART // 2),
+        "CD/empty": b"",
+        "CD/B": os.urandom(10),
+        "CD/C": os.urandom(PART * 2 // 3),
+    }
+    files = [{"path": path, "size": len(data), "modified": 5} for path, data in contents.items()]
+    stream = b"".join(contents.values())
+    a_end = len(contents["CD/A"])
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(http, api, headers, [*files, files[0]])  # A twice
+        assert status == 200
+        assert answer["offsets"] == [0, a_end, a_end, a_end + 10, 0]
+        assert (answer["total"], answer["part_size"], answer["have"]) == (len(stream), PART, [])
+        layout = answer["layout"]
+        # Chunk 1: A's end, B, C's start.
+        url = f"{api}/chunks/{layout}/1"
+        async with http.put(url, data=stream[PART : 2 * PART], headers=headers) as response:
+            assert response.status == 200
+        # The same list again (a reload): the same layout, chunk 1 kept.
+        status, again = await declare(http, api, headers, files)
+        assert (status, again["layout"], again["have"]) == (200, layout, [1])
+        # Another list (C left out): a new layout, nothing kept, the old layout refused.
+        status, other = await declare(http, api, headers, files[:3])
+        assert (status, other["layout"], other["have"]) == (200, layout + 1, [])
+        async with http.put(url, data=stream[PART : 2 * PART], headers=headers) as response:
+            assert response.status == 409
+        upload = await session_of(app, link)
+        assert not [name for name in vault_files(app) if name.startswith(f"u{upload.id}-{layout}-")]
+        # The full list once more, every chunk sent.
+        status, answer = await declare(http, api, headers, files)
+        assert status == 200 and answer["have"] == []
+        assert await put_stream(http, api, headers, answer, stream) == 200
+    upload = await session_of(app, link)
+    assert upload.chunks == 3 and await asyncio.to_thread(store_of(app).received, upload) == [
+        0,
+        1,
+        2,
+    ]
+    # What the intake will read: one ZIP (the folder) whose members are the files, exactly.
+    [unit] = plan_handover(upload.files)
+    zipped = b"".join(store_of(app).unit_pieces(upload, unit))
+    with zipfile.ZipFile(io.BytesIO(zipped)) as archive:
+        assert {name: archive.read(name) for name in archive.namelist()} == {
+            path.removeprefix("CD/"): data for path, data in contents.items()
+        }
+
+
+async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(
+    server: UploadServer,
+) -> None:
+    """An upload begun when each file had its own chunks (parts u<session>-<file>-<chunk>):
+    its list is ignored, the page declares it again, and no old part passes for a new one."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    upload = await session_of(app, link)
+    wrapped = await _wrapped(app, case_id)
+    old_list = {"next": 2, "files": [[0, "CD/a", 10, None, 0], [1, "CD/b", 10, None, 0]]}
+    sealed = app.store.keys.encrypt_field(
+        case_id, wrapped, json.dumps(old_list), f"upload-manifest/{upload.id}"
+    )
+    async with app.store.session() as session:
+        await session.exec(
+            update(UploadSessionRow)
+            .where(col(UploadSessionRow.id) == upload.id)
+            .values(manifest_enc=sealed, total_bytes=20)
+        )
+    for file_id in (0, 1):  # each old file's chunk 0
+        with app.vault.writer(f"u{upload.id}-{file_id}-0", upload.key) as writer:
+            writer.write(b"x" * 10)
+    assert (await session_of(app, link)).files == ()
+    files = [
+        {"path": "CD/a", "size": 10, "modified": 0},
+        {"path": "CD/b", "size": 10, "modified": 0},
+    ]
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(http, f"{server.base_url}/upload/api", bearer(link), files)
+    assert status == 200 and answer["have"] == [] and answer["layout"] > 2
+    assert not [name for name in vault_files(app) if name.startswith(f"u{upload.id}")]
 
 
 async def test_a_hand_over_cut_by_a_restart_resumes_when_the_server_starts(
@@ -600,25 +718,28 @@ async def test_limits_headers_and_no_listing(server: UploadServer) -> None:
         ) as response:
             assert response.status == 200
         # A chunk must be exactly as long as declared: shorter, longer, chunked: refused.
+        upload = await session_of(app, link)
+        chunk = f"{api}/chunks/{upload.layout}"
         for body in (b"x" * 9, b"x" * 11):
-            async with http.put(f"{api}/files/0/chunks/0", data=body, headers=headers) as resp:
+            async with http.put(f"{chunk}/0", data=body, headers=headers) as resp:
                 assert resp.status == 400
-        async with http.put(f"{api}/files/0/chunks/1", data=b"x" * 10, headers=headers) as resp:
+        async with http.put(f"{chunk}/1", data=b"x" * 10, headers=headers) as resp:
             assert resp.status == 400
 
         async def chunked() -> AsyncIterator[bytes]:
             yield b"x" * 10
 
-        async with http.put(f"{api}/files/0/chunks/0", data=chunked(), headers=headers) as resp:
+        async with http.put(f"{chunk}/0", data=chunked(), headers=headers) as resp:
             assert resp.status == 400
-        async with http.put(
-            f"{api}/files/0/chunks/0", data=b"x" * PART_SIZE + b"x", headers=headers
-        ) as resp:
+        async with http.put(f"{chunk}/0", data=b"x" * PART + b"x", headers=headers) as resp:
             assert resp.status == 400
-    upload = await session_of(app, link)
+        # A chunk for another layout (a list declared before, in another tab): refused.
+        stale = f"{api}/chunks/{upload.layout - 1}/0"
+        async with http.put(stale, data=b"x" * 10, headers=headers) as resp:
+            assert resp.status == 409
     assert upload.files[0].path == "etc/passwd"
     assert not (app.vault.root.parent / "etc").exists()
-    assert not app.vault.exists(part_blob_id(upload.id, 0, 0))
+    assert not [name for name in vault_files(app) if name.startswith(f"u{upload.id}")]
     assert os.listdir(app.vault.tmp_dir) == []
 
 
@@ -661,17 +782,15 @@ def test_init_data_is_checked_as_telegram_documents() -> None:
 
 
 def test_a_folder_becomes_one_zip_and_many_loose_files_too() -> None:
-    from adapters.uploads import ManifestFile, plan_handover
-
-    folder = [ManifestFile(i, f"CD/DICOM/IM{i}", 10, None, 0) for i in range(3)]
-    loose = [ManifestFile(10 + i, f"scan{i}.pdf", 10, "application/pdf", 0) for i in range(2)]
+    folder = [ManifestFile(f"CD/DICOM/IM{i}", 10, None, 0, 10 * i) for i in range(3)]
+    loose = [ManifestFile(f"scan{i}.pdf", 10, "application/pdf", 0, 30 + 10 * i) for i in range(2)]
     units = plan_handover(folder + loose)
     assert [(u.name, u.zipped, len(u.files)) for u in units] == [
         ("CD.zip", True, 3),
         ("scan0.pdf", False, 1),
         ("scan1.pdf", False, 1),
     ]
-    many = [ManifestFile(i, f"IM{i}.dcm", 10, None, 0) for i in range(40)]
+    many = [ManifestFile(f"IM{i}.dcm", 10, None, 0, 10 * i) for i in range(40)]
     assert [(u.name, u.zipped) for u in plan_handover(many)] == [("files.zip", True)]
 
 
@@ -685,19 +804,16 @@ async def test_the_sweep_expires_uploads_and_clears_what_an_erasure_left(
         case_id = await collecting_case(app, chat_id)
         link = await server.links().issue_link(case_id, "imaging", chat_id)
         async with aiohttp.ClientSession() as http:
-            declared = {"files": [{"path": "CD/IM1", "size": 2 * PART_SIZE, "modified": 0}]}
-            async with http.post(
-                f"{server.base_url}/upload/api/files", json=declared, headers=bearer(link)
-            ) as response:
-                assert response.status == 200
+            api = f"{server.base_url}/upload/api"
+            declared = [{"path": "CD/IM1", "size": 2 * PART, "modified": 0}]
+            status, answer = await declare(http, api, bearer(link), declared)
+            assert status == 200
             async with http.put(
-                f"{server.base_url}/upload/api/files/0/chunks/0",
-                data=b"\0" * PART_SIZE,
-                headers=bearer(link),
+                f"{api}/chunks/{answer['layout']}/0", data=b"\0" * PART, headers=bearer(link)
             ) as response:
                 assert response.status == 200
         sessions[chat_id] = (case_id, link, await session_of(app, link))
-    assert all(app.vault.exists(part_blob_id(s.id, 0, 0)) for _, _, s in sessions.values())
+    assert all(app.vault.exists(s.part(0)) for _, _, s in sessions.values())
     # A's link runs out; B's case is crypto-erased (its key is gone, its upload unreadable).
     async with app.store.session() as session:
         await session.exec(
@@ -708,7 +824,7 @@ async def test_the_sweep_expires_uploads_and_clears_what_an_erasure_left(
     async with app.store.transaction() as tx:
         await tx.erase_case(sessions[CHAT_B][0], None)
     assert await store.sweep() == 2
-    assert not any(app.vault.exists(part_blob_id(s.id, 0, 0)) for _, _, s in sessions.values())
+    assert not any(app.vault.exists(s.part(0)) for _, _, s in sessions.values())
     async with app.store.reader() as session:
         rows = (await session.exec(select(UploadSessionRow))).all()
     assert [(row.id, row.state, row.manifest_enc) for row in rows] == [

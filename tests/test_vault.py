@@ -213,8 +213,9 @@ def test_pypdfium2_reads_from_blob(vault: Vault, key: bytes) -> None:
             pdf.close()
 
 
-async def test_write_stream(vault: Vault, key: bytes) -> None:
-    data = payload(CS * 5 // 2 + 17, seed=11)
+@pytest.mark.parametrize("size", [CS * 5 // 2 + 17, CS * 19 // 2 + 5])  # one batch, several
+async def test_write_stream(vault: Vault, key: bytes, size: int) -> None:
+    data = payload(size, seed=11)
 
     async def pieces() -> AsyncIterator[bytes]:
         for start in range(0, len(data), 65536):
@@ -226,6 +227,10 @@ async def test_write_stream(vault: Vault, key: bytes) -> None:
     assert info.sha256 == hashlib.sha256(data).hexdigest()
     with vault.reader("streamed", key) as r:
         assert r.read() == data
+    # Without the digest: the same blob, no hash computed.
+    unhashed = await vault.write_stream("unhashed", key, pieces(), digest=False)
+    assert (unhashed.size, unhashed.sha256) == (len(data), "")
+    assert vault.verify("unhashed", key).sha256 == info.sha256
 
 
 async def test_write_stream_failure_and_cancel_clean_up(vault: Vault, key: bytes) -> None:

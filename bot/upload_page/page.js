@@ -1,6 +1,10 @@
-// The upload page. Files go up in chunks; the server stores each chunk encrypted and durably
-// before it answers, so after a dropped connection or a server restart the page only retries,
-// and after a reload the server says which chunks it already has and only the rest are sent.
+// The upload page. The picked files go up as one stream (each file after the one before, at
+// the offset the server gives it) cut in chunks of the server's part size, so many small
+// scans travel in a few large requests; a chunk's body is slices of the files it spans (a
+// Blob of File slices: nothing is read into memory ahead). The server stores each chunk
+// encrypted and durably before it answers, so after a dropped connection or a server
+// restart the page only retries, and after a reload the server says which chunks it already
+// has and only the rest are sent.
 // Every word shown comes from the server, already in the patient's language (config.text).
 "use strict";
 
@@ -13,8 +17,12 @@
   const rtl = document.documentElement.dir === "rtl";
   const PARALLEL = 3; // chunks in flight: keeps a slow link busy without swamping a phone
   const pickers = [byId("pick-files"), byId("pick-folder")];
-  let partSize = config.part_size;
-  let plan = []; // [{file, id, size, have: Set of chunk indexes, sending: Map index -> bytes}]
+  let plan = []; // [{file, path, offset, size, bar}], in the stream's order
+  let layout = 0; // the server's number for this file list: part of each chunk's address
+  let partSize = 1;
+  let total = 0; // the stream's length
+  let have = new Set(); // chunk indexes the server holds
+  const sending = new Map(); // chunk index -> bytes of it sent so far
 
   // -- words and numbers in the patient's language ------------------------------------------
 
@@ -131,13 +139,17 @@
 
   // -- progress --------------------------------------------------------------------------------
 
-  const chunkCount = (item) => Math.ceil(item.size / partSize);
-  const chunkLength = (item, index) => Math.min(partSize, item.size - index * partSize);
-  function sent(item) {
+  const chunkCount = () => Math.ceil(total / partSize);
+  const chunkLength = (index) => Math.min(partSize, total - index * partSize);
+  // Bytes of the stream's stretch [begin, end) that the server holds or is receiving.
+  function sent(begin, end) {
     let bytes = 0;
-    for (const index of item.have) bytes += chunkLength(item, index);
-    for (const loaded of item.sending.values()) bytes += loaded;
-    return Math.min(bytes, item.size);
+    for (let index = Math.floor(begin / partSize); index * partSize < end; index++) {
+      const start = index * partSize;
+      const done = have.has(index) ? chunkLength(index) : sending.get(index) || 0;
+      bytes += Math.max(0, Math.min(end, start + done) - Math.max(begin, start));
+    }
+    return bytes;
   }
 
   let drawing = false;
@@ -146,14 +158,11 @@
     drawing = true;
     requestAnimationFrame(() => {
       drawing = false;
-      let total = 0;
-      let done = 0;
+      const done = sent(0, total);
       let finished = 0;
       for (const item of plan) {
-        const bytes = sent(item);
-        total += item.size;
-        done += bytes;
-        finished += item.have.size === chunkCount(item) ? 1 : 0;
+        const bytes = sent(item.offset, item.offset + item.size);
+        finished += bytes === item.size ? 1 : 0;
         item.bar.value = item.size ? bytes : 1;
       }
       byId("overall").max = total || 1;
@@ -183,15 +192,26 @@
 
   // -- the upload ----------------------------------------------------------------------------
 
-  async function sendChunk(item, index) {
+  // Chunk `index` of the stream: slices of the files it spans.
+  function chunkBody(index) {
     const begin = index * partSize;
-    const blob = item.file.slice(begin, Math.min(item.size, begin + partSize));
-    await call("PUT", "files/" + item.id + "/chunks/" + index, blob, (loaded) => {
-      item.sending.set(index, loaded);
+    const end = begin + chunkLength(index);
+    const slices = [];
+    for (const item of plan) {
+      if (item.offset >= end) break;
+      if (item.offset + item.size <= begin) continue;
+      slices.push(item.file.slice(Math.max(0, begin - item.offset), Math.min(item.size, end - item.offset)));
+    }
+    return new Blob(slices);
+  }
+
+  async function sendChunk(index) {
+    await call("PUT", "chunks/" + layout + "/" + index, chunkBody(index), (loaded) => {
+      sending.set(index, loaded);
       redraw();
     });
-    item.sending.delete(index);
-    item.have.add(index);
+    sending.delete(index);
+    have.add(index);
     redraw();
   }
 
@@ -211,31 +231,29 @@
         type: file.type,
         modified: file.lastModified,
       }));
-      // The server answers per file sent: its id and the chunks it already holds (a resume).
+      // The server answers with the stream's layout: each file's offset in it (a file picked
+      // twice is sent once), the part size and the chunks it already holds (a resume).
       const answer = await call("POST", "files", { files: manifest });
-      partSize = answer.part_size;
-      const byFileId = new Map();
-      answer.files.forEach((entry, i) => {
-        if (!byFileId.has(entry.id)) {
-          byFileId.set(entry.id, {
-            file: picked[i], path: pathOf(picked[i]), id: entry.id, size: picked[i].size,
-            have: new Set(entry.have), sending: new Map(),
-          });
+      ({ layout, part_size: partSize, total } = answer);
+      have = new Set(answer.have);
+      const seen = new Set();
+      plan = [];
+      answer.offsets.forEach((offset, i) => {
+        // Two files with bytes at one offset are one file to the server: send it once.
+        if (manifest[i].size) {
+          if (seen.has(offset)) return;
+          seen.add(offset);
         }
+        plan.push({ file: picked[i], path: manifest[i].path, offset, size: manifest[i].size });
       });
-      plan = [...byFileId.values()];
+      plan.sort((a, b) => a.offset - b.offset);
       showFiles();
       const queue = [];
-      for (const item of plan) {
-        for (let index = 0; index < chunkCount(item); index++) {
-          if (!item.have.has(index)) queue.push([item, index]);
-        }
+      for (let index = 0; index < chunkCount(); index++) {
+        if (!have.has(index)) queue.push(index);
       }
       const worker = async () => {
-        while (queue.length) {
-          const [item, index] = queue.shift();
-          await sendChunk(item, index);
-        }
+        while (queue.length) await sendChunk(queue.shift());
       };
       await Promise.all(Array.from({ length: PARALLEL }, worker));
       await call("POST", "finish", {});
@@ -247,10 +265,8 @@
 
   function complete() {
     byId("controls").hidden = true;
-    for (const item of plan) {
-      item.sending.clear();
-      for (let index = 0; index < chunkCount(item); index++) item.have.add(index);
-    }
+    sending.clear();
+    for (let index = 0; index < chunkCount(); index++) have.add(index);
     if (plan.length) redraw();
     notice(text.done, "complete");
   }
@@ -270,7 +286,6 @@
     enablePickers(false);
     try {
       const status = await call("GET", "status");
-      partSize = status.part_size;
       if (status.state === "complete") return complete();
       if (status.state === "finishing") return await untilComplete();
       if (status.total > 0) {
