@@ -14,14 +14,11 @@ the photo frames it (the same perspective and crop, none of the damage), readabl
   English ~0.99) and the question is what the photo lost, not what the engine cannot do.
 - Framed, because text cropped out of the picture is not illegible, it is missing: that is the
   cut-off note's business (`Sample.cut`, from where the text lies), not the legibility verdict's.
-  (`Sample.readable_whole` is the earlier label, relative to the whole page, for comparison.)
-- The best of a few readings (`best_accuracy`): the whole picture with automatic page
-  segmentation and as one block, and the text's region at full size and from a reduced copy
-  with its type at a standard size, like the check's own sample. Any single reading now and
-  then loses a page that reads perfectly another way (bogus columns on a Chinese page, a
-  global threshold on a whole dark photo, sensor noise at full size that a reduced copy
-  averages away), and a label must not hang on that: with the whole picture read once at full
-  size, labels disagreed with pages a person and the check both read cleanly.
+- A reading of the text's own region (`region_accuracy`), where the rendering says the text
+  lies, from a reduced copy with its type at a standard size, like the check's own sample.
+  Whole-page readings cost several times more and now and then lose a page that reads
+  perfectly on its region (bogus columns on a Chinese page, a global threshold on a whole
+  dark photo); a label must not hang on that.
 
 At 10% of characters wrong a doctor still reads a page, at 20-30% a report's numbers are no
 longer trustworthy: 0.9 is on the safe side of that edge and is where the accuracy of the
@@ -47,12 +44,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-VERSION = 9
-# Labelling OCR is given all the time it needs: a timeout is an error, never a label.
-LABEL_TIMEOUT_S = 600
-EXTRA_TIMEOUT_S = 120  # the other readings of the best-of label (see `ocr_text`)
+VERSION = 11
+LABEL_TIMEOUT_S = 90  # one labelling reading (a second or two normally; see `ocr_text`)
 READABLE_ACCURACY = 0.9
-LABEL_PSMS = (3, 6)  # page segmentation modes the labelling OCR reads in; the best counts
 CUT_SHARE = 0.995  # less of the text's ink in the picture than this: text cut off
 SCRIPTS = ("latin", "chinese", "thai")
 LANG = {"latin": "eng", "chinese": "chi_sim", "thai": "tha"}
@@ -183,7 +177,6 @@ class Sample:
     height: int
     degradations: dict[str, float]
     accuracy: float  # OCR char accuracy of the degraded picture
-    clean_accuracy: float  # the same page, undegraded: the engine's ceiling for it
     framed_accuracy: float  # the clean page framed as the photo frames it (perspective, crop)
     text_kept: float  # share of the page's text (its ink) inside the picture: < 1 when cut off
     path: str
@@ -196,12 +189,6 @@ class Sample:
     @property
     def readable(self) -> bool:
         return self.relative_accuracy >= READABLE_ACCURACY
-
-    @property
-    def readable_whole(self) -> bool:
-        """The version-2 label: relative to the whole clean page, so text cropped out of the
-        picture counts as text the photo lost (a cut-off page is "unreadable")."""
-        return self.accuracy / max(self.clean_accuracy, 1e-6) >= READABLE_ACCURACY
 
     @property
     def cut(self) -> bool:
@@ -403,34 +390,27 @@ def char_accuracy(ocr_text: str, truth: str) -> float:
     return max(0.0, 1 - levenshtein(o, t) / max(len(t), 1))
 
 
-def ocr_text(
-    data: bytes, lang: str, *, psm: int = 3, cache: Path = CACHE, extra: bool = False
-) -> str:
-    """Tesseract's text of a whole picture (cached by the exact bytes, language and page
-    segmentation mode, so a new label definition reuses every reading already made).
-
-    The whole picture read with automatic segmentation has all the time it needs (a timeout
-    raises: a page not read in time has no label). An ``extra`` reading (`best_accuracy`) that
-    takes over `EXTRA_TIMEOUT_S` reads as nothing: the engine now and then churns for many
-    minutes on a noisy picture read as one block (normal readings take seconds)."""
-    key = hashlib.sha256(data + f"\0{lang}:psm{psm}".encode()).hexdigest()[:32]
+def ocr_text(data: bytes, lang: str, *, cache: Path = CACHE) -> str:
+    """Tesseract's text of a picture read as one block of text (cached by the exact bytes and
+    language, so a new label definition reuses every reading already made). A reading that
+    takes over `LABEL_TIMEOUT_S` reads as nothing: the engine now and then churns for minutes
+    on a noisy picture (normal readings take a second or two)."""
+    key = hashlib.sha256(data + f"\0{lang}:psm6".encode()).hexdigest()[:32]
     path = cache / "labels" / f"{key}.txt"
     if path.exists():
         return path.read_text(encoding="utf-8")
     env = dict(os.environ, OMP_THREAD_LIMIT="1")
     try:
         proc = subprocess.run(
-            ["tesseract", "stdin", "stdout", "-l", lang, "--psm", str(psm)],
+            ["tesseract", "stdin", "stdout", "-l", lang, "--psm", "6"],
             input=data,
             capture_output=True,
-            timeout=EXTRA_TIMEOUT_S if extra else LABEL_TIMEOUT_S,
+            timeout=LABEL_TIMEOUT_S,
             env=env,
             check=True,
         )
         text = proc.stdout.decode("utf-8", "replace")
     except subprocess.TimeoutExpired:
-        if not extra:
-            raise
         text = ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -468,38 +448,37 @@ def text_box(mask: Image.Image, size: tuple[int, int], px: int) -> TextBox:
     return box, px * fy
 
 
-LABEL_LINE_PX = 32  # the text's region is also read with its type scaled to this size ...
+LABEL_LINE_PX = 32  # the text's region is read with its type scaled to this size ...
 LABEL_LONG_SIDE = 2000  # ... from a copy at most this long (the check reads at this size too)
 
 
-def best_accuracy(data: bytes, lang: str, truth: str, text: TextBox, cache: Path = CACHE) -> float:
-    """The character accuracy of the engine's best reading of a picture: the whole picture
-    with automatic page segmentation (3) and as one block (6), and the text's own region
-    (``text``, from `text_box`) as one block, at full size and from a copy reduced to
-    `LABEL_LONG_SIDE` with the type scaled to `LABEL_LINE_PX`.
+def region_accuracy(
+    data: bytes, lang: str, truth: str, text: TextBox, cache: Path = CACHE
+) -> float:
+    """The character accuracy of the engine's reading of the text's own region of a picture
+    (``text``, from `text_box`) as one block, from a copy reduced to `LABEL_LONG_SIDE` with
+    the type scaled to `LABEL_LINE_PX` (0 when the picture holds no text).
 
-    Each alone now and then loses most of a page that reads perfectly another way: 3 splits a
-    Chinese page into bogus columns, 6 reads a table edge into the lines, the engine's global
-    threshold on a whole dark or faded photo drowns text it reads on the text's region, and at
-    full size sensor noise defeats it where a reduced copy (what a person looks at on a
-    screen, and what the check reads) reads cleanly. A label must not hang on that."""
-    readings = [ocr_text(data, lang, psm=psm, cache=cache, extra=psm != 3) for psm in LABEL_PSMS]
-    if text is not None:
-        box, line = text
-        with Image.open(io.BytesIO(data)) as img:
-            grey = img.convert("L")
-        readings.append(ocr_text(_png(grey.crop(box)), lang, psm=6, cache=cache, extra=True))
-        reduce = min(1.0, LABEL_LONG_SIDE / max(grey.size))
-        scale = min(4.0, max(0.25, LABEL_LINE_PX / max(line * reduce, 1.0)))
-        if reduce < 1 or abs(scale - 1) > 0.15:
-            size = (max(1, round(grey.width * reduce)), max(1, round(grey.height * reduce)))
-            left, top, right, bottom = (round(v * reduce) for v in box)
-            reduced = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-            region = reduced.crop((left, top, right, bottom))
-            size = (max(1, round(region.width * scale)), max(1, round(region.height * scale)))
-            scaled = region.resize(size, Image.Resampling.BICUBIC)
-            readings.append(ocr_text(_png(scaled), lang, psm=6, cache=cache, extra=True))
-    return max(char_accuracy(reading, truth) for reading in readings)
+    The region, not the whole picture: the engine's page layout analysis now and then splits a
+    Chinese page into bogus columns or reads a table's edge into the lines, and its global
+    threshold on a whole dark or faded photo drowns text it reads on the region; a label must
+    not hang on that. Reduced, because at full size sensor noise defeats the engine where a
+    reduced copy (what a person looks at on a screen) reads cleanly; scaled, because small type
+    reads better enlarged. A region reading also costs a fraction of a whole-page one."""
+    if text is None:
+        return 0.0
+    box, line = text
+    with Image.open(io.BytesIO(data)) as img:
+        grey = img.convert("L")
+    reduce = min(1.0, LABEL_LONG_SIDE / max(grey.size))
+    scale = min(4.0, max(0.25, LABEL_LINE_PX / max(line * reduce, 1.0)))
+    size = (max(1, round(grey.width * reduce)), max(1, round(grey.height * reduce)))
+    left, top, right, bottom = (round(v * reduce) for v in box)
+    reduced = grey.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    region = reduced.crop((left, top, right, bottom))
+    size = (max(1, round(region.width * scale)), max(1, round(region.height * scale)))
+    scaled = region.resize(size, Image.Resampling.BICUBIC)
+    return char_accuracy(ocr_text(_png(scaled), lang, cache=cache), truth)
 
 
 SIZES = (1280, 1600, 2000, 2560, 3000, 3200, 4000)
@@ -521,32 +500,26 @@ def sample(seed: int, *, small: bool = False, cache: Path = CACHE) -> Sample:
     page_seed = rng.randrange(2**32)
     clean, truth, px = layout(page_seed, script, long_side)
     mask = layout(page_seed, script, long_side, text_only=True)[0]
-    clean_acc = best_accuracy(_jpeg(clean, 92), lang, truth, text_box(mask, clean.size, px), cache)
     state = rng.getstate()
     img, done, quality = degrade(clean, rng)
 
-    def framing(page: Image.Image, *, crop: bool = True) -> tuple[Image.Image, dict[str, float]]:
+    def framing(page: Image.Image, *, crop: bool = True) -> Image.Image:
         replay = random.Random()
         replay.setstate(state)
-        framed, framed_done, _ = degrade(page, replay, geometry_only=True, crop=crop)
-        return framed, framed_done
+        return degrade(page, replay, geometry_only=True, crop=crop)[0]
 
     # Text cut off: the share of the text's ink (black on white, framed alike) the crop keeps.
-    framed_mask = framing(mask)[0]
-    text_kept = _ink(framed_mask) / max(_ink(framing(mask, crop=False)[0]), 1)
-    framed, framed_done = framing(clean)
-    # With a perspective or a crop the page as framed is read; otherwise it is the clean page.
-    framed_acc = (
-        best_accuracy(_jpeg(framed, 92), lang, truth, text_box(framed_mask, framed.size, px), cache)
-        if framed_done
-        else clean_acc
+    framed_mask = framing(mask)
+    text_kept = _ink(framed_mask) / max(_ink(framing(mask, crop=False)), 1)
+    framed = framing(clean)
+    box = text_box(framed_mask, img.size, px)
+    framed_acc = region_accuracy(
+        _jpeg(framed, 92), lang, truth, text_box(framed_mask, framed.size, px), cache
     )
     data = _jpeg(img, quality)
-    acc = best_accuracy(data, lang, truth, text_box(framed_mask, img.size, px), cache)
+    acc = region_accuracy(data, lang, truth, box, cache)
     pic.write_bytes(data)
-    result = Sample(
-        seed, script, img.width, img.height, done, acc, clean_acc, framed_acc, text_kept, str(pic)
-    )
+    result = Sample(seed, script, img.width, img.height, done, acc, framed_acc, text_kept, str(pic))
     meta.write_text(json.dumps(asdict(result)))
     return result
 
