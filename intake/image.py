@@ -48,7 +48,9 @@ GLARE_SHARE = 0.04  # largest blown-out blob, share of the picture
 BLANK_INK = 0.002  # share of inked pixels below which a page is blank
 BLANK_TEXT = 0.0005  # with OCR: share of text cells below which a picture of paper is blank
 BLANK_PAPER = 0.5  # ... when at least this share of it is plain paper (a page, not a photo of
-# something else)
+# something else) ...
+BLANK_MARKS = 12.0  # ... with no smudge rising this many grey levels above the paper's noise
+# (text blurred beyond strokes: 20-60; blank paper, sensor noise up to sigma 20: 0-8)
 # Before OCR: the floors no reading overturns (calibrated by the bench on its train split) ...
 HARD_MIN_SIDE = 300  # shorter side in pixels
 HARD_LOW_CONTRAST = 8  # p99.5 - p0.5 grey levels
@@ -223,27 +225,41 @@ def _largest_blob(mask: np.ndarray) -> int:
     return best
 
 
-def text_cells(grey: np.ndarray, cell: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(text, plain paper) cells of a `cell` px grid. Text: a dark stroke inside a cell that
-    is paper-bright, with paper-bright cells all around (so the page's own edge on a darker
-    table, or a shadow, is not text). Plain paper: paper-bright without a stroke."""
+def text_cells(grey: np.ndarray, cell: int = 8) -> tuple[np.ndarray, np.ndarray, float]:
+    """(text cells, plain paper cells, marks) of a `cell` px grid. Text: a dark stroke inside a
+    cell that is paper-bright, with paper-bright cells all around (so the page's own edge on a
+    darker table, or a shadow, is not text). Plain paper: paper-bright without a stroke.
+    Marks: how far the grey range inside the most marked 1% of the paper cells well inside the
+    paper rises above the typical one (sensor noise), in grey levels: text too blurred to
+    leave a stroke still leaves smudges, a blank page does not."""
     g = _smooth(grey)  # sensor noise is not a stroke
     rows, cols = g.shape[0] // cell, g.shape[1] // cell
     if rows < 3 or cols < 3:
         empty = np.zeros((max(rows, 0), max(cols, 0)), dtype=bool)
-        return empty, empty
+        return empty, empty, 0.0
     c = g[: rows * cell, : cols * cell].reshape(rows, cell, cols, cell)
     cmax, cmin = c.max(axis=(1, 3)), c.min(axis=(1, 3))
     level = float(np.percentile(cmax, 90))  # the paper
     floor = float(np.percentile(cmax, 2))
     paper = cmax >= level - max(25.0, 0.35 * (level - floor))
     stroke = cmin <= cmax - np.maximum(40.0, 0.3 * cmax)
-    padded = np.pad(paper, 1, constant_values=True)  # beyond the picture: no evidence
-    surrounded = np.ones_like(paper)
+    plain = paper & ~stroke
+    text = paper & stroke & _all_around(paper, True)
+    inner = (cmax - cmin)[plain & _all_around(plain, False)]
+    marks = float(np.percentile(inner, 99) - np.median(inner)) if inner.size else 0.0
+    return text, plain, marks
+
+
+def _all_around(mask: np.ndarray, beyond: bool) -> np.ndarray:
+    """Cells whose 3x3 neighbourhood is all ``mask`` (cells beyond the picture count as
+    ``beyond``)."""
+    rows, cols = mask.shape
+    padded = np.pad(mask, 1, constant_values=beyond)
+    out = np.ones_like(mask)
     for dr in range(3):
         for dc in range(3):
-            surrounded &= padded[dr : dr + rows, dc : dc + cols]
-    return paper & stroke & surrounded, paper & ~stroke
+            out &= padded[dr : dr + rows, dc : dc + cols]
+    return out
 
 
 def cut_text(text: np.ndarray, depth: int = 2) -> tuple[int, int]:
@@ -309,7 +325,7 @@ def measure(grey: np.ndarray, *, read_text: bool = True) -> dict[str, float]:
     c8 = c8.reshape(c8.shape[0] // 8, 8, c8.shape[1] // 8, 8)
     flat = float(((c8.max(axis=(1, 3)) - c8.min(axis=(1, 3))) == 0).mean())
     ink = float((grey < (p50 - max(30.0, (p50 - lo) / 2))).mean())
-    text, paper = text_cells(grey)
+    text, paper, marks = text_cells(grey)
     cut_lines, cut_cells = cut_text(text)
     m = {
         "p05": p05,
@@ -322,6 +338,7 @@ def measure(grey: np.ndarray, *, read_text: bool = True) -> dict[str, float]:
         "ink": ink,
         "text": float(text.mean()) if text.size else 0.0,  # share of cells with a stroke
         "paper": float(paper.mean()) if paper.size else 0.0,  # ... plain paper
+        "marks": marks,
         "cut_lines": float(cut_lines),
         "cut_cells": float(cut_cells),
     }
@@ -450,17 +467,19 @@ def probe_strip(sample: np.ndarray, lines: int = 1) -> np.ndarray:
     return sample[top : top + rows]
 
 
-def read_measures(grey: np.ndarray, *, every_language: bool = False) -> dict[str, float]:
+def read_measures(grey: np.ndarray, *, calibrating: bool = False) -> dict[str, float]:
     """The OCR signal on a sample of the densest text: {} when OCR is unavailable.
 
     The sample's script is looked for on one line of it (`probe_strip`), then the sample is
     read in the likeliest languages first until one reads it legibly (`reads`), within
-    `limits.OCR_BUDGET_S` (`ocr.read`). With ``every_language`` (the bench) every language
-    reads the whole sample, without the budget. Per language read: ``ocr_<lang>_conf``,
+    `limits.OCR_BUDGET_S` (`ocr.read`). With ``calibrating`` (the bench) the sample is read in
+    every language the check may read it in, without stopping and without the budget, so that
+    any thresholds give the verdict the check would. Per language read: ``ocr_<lang>_conf``,
     ``_chars``, ``_strong``; and ``ocr_conf``/``ocr_chars`` of the best, ``ocr_tried``."""
     sample = ocr_sample(grey)
-    if every_language:
-        results = ocr.read(sample, budget=len(ocr.LANGUAGES) * limits.OCR_TIMEOUT_S)
+    if calibrating:
+        budget = len(ocr.LANGUAGES) * 2 * limits.OCR_TIMEOUT_S
+        results = ocr.read(sample, probe=probe_strip(sample), budget=budget)
     else:
         results = ocr.read(sample, enough=reads, probe=probe_strip(sample))
     if not results:
@@ -553,10 +572,10 @@ def ocr_says_unreadable(m: dict[str, float]) -> bool | None:
 
 def _blank(m: dict[str, float]) -> bool:
     """Nothing to read on it: OCR read nothing, and the picture is mostly plain paper with no
-    stroke on it (or has no ink at all)."""
+    stroke or smudge on it (or has no ink at all)."""
     if max(r.chars for r in _readings(m)) >= OCR_MIN_CHARS:
         return False
-    plain_page = m["text"] < BLANK_TEXT and m["paper"] >= BLANK_PAPER
+    plain_page = m["text"] < BLANK_TEXT and m["paper"] >= BLANK_PAPER and m["marks"] < BLANK_MARKS
     return m["ink"] < BLANK_INK or plain_page
 
 

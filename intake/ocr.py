@@ -124,8 +124,9 @@ def parse_tsv(tsv: str, width: int, height: int, edge: int = 2) -> tuple[float, 
 def run_tesseract(
     grey: np.ndarray, language: str, *, psm: int = PSM, timeout: float = limits.OCR_TIMEOUT_S
 ) -> str | None:
-    """TSV of one grey picture; "" when it timed out (a crop that takes this long is noise, not
-    text); None when the engine is missing or fails."""
+    """TSV of one grey picture; None when the engine is missing, fails or did not finish in
+    ``timeout`` (a reading not made is no evidence either way: on a busy machine a readable
+    page can take that long, so the verdict must not read a timeout as "nothing legible")."""
     exe = tesseract_path()
     if exe is None:
         return None
@@ -140,9 +141,7 @@ def run_tesseract(
             env=_env(),
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        return ""
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # TimeoutExpired among them
         return None
     if proc.returncode != 0:
         return None
@@ -194,21 +193,22 @@ def read(
     languages: tuple[str, ...] | None = None,
     *,
     enough: Callable[[OcrResult], bool] | None = None,
-    budget: float = limits.OCR_BUDGET_S,
+    budget: float | None = None,
     probe: np.ndarray | None = None,
 ) -> list[OcrResult] | None:
     """OCR of a grey crop in each language, until ``enough`` says a reading settles the question
-    (the page reads in that language) or the time ``budget`` is spent. With a ``probe`` (a
+    (the page reads in that language) or the time ``budget`` is spent (default
+    `limits.OCR_BUDGET_S`). With a ``probe`` (a
     small part of the crop) the script is looked for first (`script_order`) and the crop is
     read in the likeliest language first, and, unless the probe read nothing in any language,
     in at most `MAX_FULL_READINGS` languages: a Thai page costs a few small readings and one
     full one, not three full ones, and a page no language reads costs two full ones, not four.
-    Returns the readings of the crop, in order ([] when none finished in time; None when OCR is
-    unavailable)."""
+    Returns the readings of the crop, in order, up to the first that did not finish in time
+    ([] when none did; None when OCR is unavailable)."""
     langs = available_languages() if languages is None else languages
     if not langs:
         return None
-    deadline = time.monotonic() + budget
+    deadline = time.monotonic() + (limits.OCR_BUDGET_S if budget is None else budget)
     order = list(langs)
     if probe is not None and len(langs) > 1:
         order, probes = script_order(probe, langs, deadline)
@@ -221,7 +221,9 @@ def read(
             break
         result = reading(grey, lang, timeout=left)
         if result is None:
-            continue
+            # Not read in time (or the engine failed): the languages after it are less likely,
+            # and their readings alone would call a page in this one unreadable.
+            break
         results.append(result)
         if enough is not None and enough(result):
             break

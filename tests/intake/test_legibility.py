@@ -17,20 +17,24 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from intake import Status, check, ocr
+from intake import Status, check, limits, ocr
 
 READY = lc.tesseract_ready() and lc.fonts_ready()
 if not READY and os.environ.get("REQUIRE_SERVICES") == "1":
     raise RuntimeError("REQUIRE_SERVICES=1 but Tesseract (eng, chi_sim, tha) or fonts are missing")
-pytestmark = pytest.mark.skipif(
-    not READY,
-    reason="Tesseract with eng, chi_sim, tha or the corpus fonts missing: "
-    "run scripts/system-packages.sh",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not READY,
+        reason="Tesseract with eng, chi_sim, tha or the corpus fonts missing: "
+        "run scripts/system-packages.sh",
+    ),
+    pytest.mark.usefixtures("unhurried_ocr"),  # verdicts, not the machine's load
+]
 
-# Held out from the bench (which uses seeds 0..N-1): 10000+, small pages (labelling in seconds).
-HELD_OUT = [10_000 + i for i in range(12)]
-FLOOR = 0.8  # on twelve small pages; the bench measures the real figure on a larger corpus
+# Held out from the bench (which uses seeds 0..N-1): 10000+, small pages (labelling in seconds);
+# the first six, one readable and one unreadable page in each script.
+HELD_OUT = [10_000 + i for i in range(6)]
+FLOOR = 0.8  # one error allowed on six pages; the bench measures the figure on 210 pages
 
 
 def _codes(verdict) -> list[str]:
@@ -146,6 +150,18 @@ def test_without_ocr_the_screen_decides(page: Image.Image, monkeypatch: pytest.M
     dark = np.asarray(page, dtype=np.float32) * 0.12
     verdict = check(io.BytesIO(_jpeg(Image.fromarray(dark.astype(np.uint8)))))
     assert "photo_too_dark" in _codes(verdict)
+
+
+def test_ocr_out_of_time_is_no_evidence(page: Image.Image, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine too busy to read within the time limit, a readable page is not refused for
+    "nothing legible read": the screen decides, as without OCR."""
+    monkeypatch.setattr(limits, "OCR_TIMEOUT_S", 0.25)
+    verdict = check(io.BytesIO(_jpeg(page)))
+    assert verdict.accepted, verdict.findings
+    assert "ocr_unavailable" in _codes(verdict)
+    # Dark, though not past the floor rejected before any reading: the screen's own verdict.
+    dim = (np.asarray(page, dtype=np.float32) * 0.2).astype(np.uint8)
+    assert "photo_too_dark" in _codes(check(io.BytesIO(_jpeg(Image.fromarray(dim)))))
 
 
 @pytest.mark.parametrize(("script", "lang"), [("latin", "eng"), ("thai", "tha")])
