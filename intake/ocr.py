@@ -4,8 +4,10 @@ The picture goes to ``tesseract`` through stdin as PNG bytes and the TSV comes b
 no plaintext of a patient's record touches the disk. ``OMP_THREAD_LIMIT=1`` is always set (on
 2 vCPU the OpenMP default made OCR ~7x slower, 14.8 s instead of 2.2 s per 12 MP page).
 
-When the engine or its language data are missing, `read` returns None and the verdict rests on
-the fast screen alone (the image check then adds the info finding ``ocr_unavailable``).
+When the engine or its language data are missing, `read` returns None, and when no reading
+finishes within the time limits (`limits.OCR_TIMEOUT_S`, `limits.OCR_BUDGET_S`: a busy machine)
+it returns []; either way the verdict rests on the fast screen alone (the image check then adds
+the info finding ``ocr_unavailable``).
 Install them with ``scripts/system-packages.sh`` (Debian ``tesseract-ocr`` and language packs).
 """
 
