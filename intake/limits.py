@@ -35,37 +35,19 @@ MAX_ZIP_NAME = 1024
 MAX_OFFICE_ENTRIES = 5_000
 MAX_OFFICE_TOTAL = 512 * 1024 * 1024
 
-# Photo legibility: fast screen, then OCR (intake/ocr.py) on a crop of the text. Thresholds are
-# calibrated by `python bench/legibility_bench.py 80` on the generated labelled corpus
-# (tests/intake/legibility_corpus.py): picked on the 40 train pages (even seeds), reported on
-# the 40 held-out pages (odd seeds): balanced accuracy 0.876 overall (Latin 0.838, Chinese
-# 0.775, Thai 1.000; train 0.876). A small corpus: the figures move by several points per page.
+# Photo legibility: fast screen, then OCR (intake/ocr.py) on a crop of the text. The verdict's
+# calibrated thresholds live in intake/image.py (picked by `python bench/legibility_bench.py` on
+# the train half of the generated labelled corpus, reported on its held-out half).
 OCR_TIMEOUT_S = 8.0  # one tesseract run on a crop; a timeout reads as nothing read
-OCR_MIN_CHARS = 12  # fewer characters read than this is not a text sample worth judging
 OCR_LONG_SIDE = 2000  # the OCR sample is cut from a copy this size (10 pt type: ~23 px em)
 OCR_WINDOW = (0.18, 0.6)  # (height, width) share of the picture read: the densest text there
 OCR_BUDGET_S = 6.0  # all the languages read for one picture; past it, the readings made decide
-OCR_PARALLEL = 1  # languages after the first read this many at a time (2 measured slower: 5.4 s
-# instead of 2.6 s for a 12 MP Chinese page on this busy 2-core machine)
-# Calibrated thresholds (bench/legibility_bench.py 80, train half of the corpus):
-SCREEN_FOCUS_REJECT = 1.1  # fast screen: far out of focus, rejected without OCR
+# The fast screen's verdict when there is no OCR (not calibrated on the corpus: without OCR it
+# scores what `bench/legibility_bench.py` prints as "fast screen alone").
+SCREEN_FOCUS_REJECT = 1.1  # far out of focus
 SCREEN_FOCUS_MARGINAL = 2.2
-SCREEN_LOW_CONTRAST = 12  # p99.5 - p0.5 grey levels: flat, rejected without OCR
+SCREEN_LOW_CONTRAST = 12  # p99.5 - p0.5 grey levels: flat
 OCR_STRONG_WORD = 80.0  # a word read at this confidence or more counts as "strong"
-# Per language: the (char-weighted mean word confidence, share of characters in strong words) a
-# reading must reach for the page to count as legible; legible when any language reaches its
-# own. Thai's model reads noise at a mean of 50-60 with few strong words, while a legible Thai
-# page reads >= 0.9 strong: the share is what separates them (Thai held out: 13/13 right). The
-# eng and chi_sim pairs sit at the grid's floor: on this corpus their failures are pages read
-# confidently but labelled unreadable (cut off, or near the 0.9 edge), which no threshold fixes.
-OCR_READABLE = {
-    "eng": (50.0, 0.0),
-    "chi_sim": (50.0, 0.0),
-    "tha": (50.0, 0.9),
-    "rus": (65.0, 0.0),  # not calibrated: no Cyrillic pages in the corpus
-}
-OCR_NO_TEXT_FOCUS = 4.0  # nothing read at all: unreadable unless sharper than this (noise reads
-# as sharp, a photo of a film with no text is sharp)
 OCR_CONF_MARGINAL = 88.0  # below, a Telegram photo is nudged to "send as File"
 READ_DARK_MEDIAN = 90  # when OCR fails: the cause named is darkness below this median grey
 READ_LOW_CONTRAST = 60  # ... or low contrast below this

@@ -4,8 +4,10 @@ The picture goes to ``tesseract`` through stdin as PNG bytes and the TSV comes b
 no plaintext of a patient's record touches the disk. ``OMP_THREAD_LIMIT=1`` is always set (on
 2 vCPU the OpenMP default made OCR ~7x slower, 14.8 s instead of 2.2 s per 12 MP page).
 
-When the engine or its language data are missing, `read` returns None and the verdict rests on
-the fast screen alone (the image check then adds the info finding ``ocr_unavailable``).
+When the engine or its language data are missing, `read` returns None, and when no reading
+finishes within the time limits (`limits.OCR_TIMEOUT_S`, `limits.OCR_BUDGET_S`: a busy machine)
+it returns []; either way the verdict rests on the fast screen alone (the image check then adds
+the info finding ``ocr_unavailable``).
 Install them with ``scripts/system-packages.sh`` (Debian ``tesseract-ocr`` and language packs).
 """
 
@@ -18,7 +20,6 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +27,21 @@ from PIL import Image
 
 from intake import limits
 
-# Engine settings of every reading (keyed on by the bench's cache of readings).
-PSM = 3
+# Engine settings of every reading (keyed on by the bench's cache of readings). The sample is a
+# block of text lines: read as one block (6), not with page layout analysis (3), which on a
+# noisy picture now and then finds no text at all in lines a person reads at a glance.
+PSM = 6
 CONFIG = ("-c", "tessedit_do_invert=0")
-# Tried in this order; the reading stops at the first language that reads the page readably.
+# The languages read (`available_languages` keeps those installed, in this order).
 LANGUAGES = ("eng", "chi_sim", "tha", "rus")
+# Finding the script: a small probe is read in this order (cheapest and likeliest first; the
+# Chinese model is the slowest, most of all on text that is not Chinese), stopping at the
+# first reading of at least `PROBE_MIN_CHARS` characters at `PROBE_CONF` or more.
+PROBE_ORDER = ("eng", "tha", "chi_sim", "rus")
+PROBE_CONF = 80.0
+PROBE_MIN_CHARS = 8
+MAX_FULL_READINGS = 2  # languages the whole sample is read in, likeliest first (the bench
+# counts the pages on which this changes the verdict of reading every language)
 
 
 @dataclass(frozen=True)
@@ -115,8 +126,9 @@ def parse_tsv(tsv: str, width: int, height: int, edge: int = 2) -> tuple[float, 
 def run_tesseract(
     grey: np.ndarray, language: str, *, psm: int = PSM, timeout: float = limits.OCR_TIMEOUT_S
 ) -> str | None:
-    """TSV of one grey picture; "" when it timed out (a crop that takes this long is noise, not
-    text); None when the engine is missing or fails."""
+    """TSV of one grey picture; None when the engine is missing, fails or did not finish in
+    ``timeout`` (a reading not made is no evidence either way: on a busy machine a readable
+    page can take that long, so the verdict must not read a timeout as "nothing legible")."""
     exe = tesseract_path()
     if exe is None:
         return None
@@ -131,13 +143,51 @@ def run_tesseract(
             env=_env(),
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        return ""
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # TimeoutExpired among them
         return None
     if proc.returncode != 0:
         return None
     return proc.stdout.decode("utf-8", "replace")
+
+
+def reading(grey: np.ndarray, language: str, *, timeout: float) -> OcrResult | None:
+    """One language's reading of a grey picture (`parse_tsv`); None when the engine failed."""
+    tsv = run_tesseract(grey, language, timeout=timeout)
+    if tsv is None:
+        return None
+    height, width = grey.shape
+    conf, words, chars, strong = parse_tsv(tsv, width, height)
+    return OcrResult(conf, words, chars, language, strong)
+
+
+def found(probe: OcrResult) -> bool:
+    """Does this probe reading name the script (its language's model reads it confidently)?"""
+    return probe.chars >= PROBE_MIN_CHARS and probe.confidence >= PROBE_CONF
+
+
+def script_order(
+    probe: np.ndarray, languages: tuple[str, ...], deadline: float
+) -> tuple[list[str], list[OcrResult]]:
+    """The languages most likely first, from readings of the small ``probe`` picture in each
+    (`PROBE_ORDER`, cheapest and likeliest first) until one reads it confidently: then the
+    script is found, and the last probe reading is its language's. Returns (order, probe
+    readings)."""
+    order = [lang for lang in PROBE_ORDER if lang in languages]
+    order += [lang for lang in languages if lang not in order]
+    probes: list[OcrResult] = []
+    for lang in order:
+        left = min(limits.OCR_TIMEOUT_S, deadline - time.monotonic())
+        if left <= 0.2:
+            break
+        result = reading(probe, lang, timeout=left)
+        if result is None:
+            continue
+        probes.append(result)
+        if found(result):
+            break
+    score = {r.language: r.confidence if r.chars >= PROBE_MIN_CHARS else 0.0 for r in probes}
+    ranked = sorted(order, key=lambda lang: -score.get(lang, -1.0))  # stable: unread ones last
+    return ranked, probes
 
 
 def read(
@@ -145,35 +195,38 @@ def read(
     languages: tuple[str, ...] | None = None,
     *,
     enough: Callable[[OcrResult], bool] | None = None,
-    budget: float = limits.OCR_BUDGET_S,
+    budget: float | None = None,
+    probe: np.ndarray | None = None,
 ) -> list[OcrResult] | None:
     """OCR of a grey crop in each language, until ``enough`` says a reading settles the question
-    (the page reads in that language) or the time ``budget`` is spent. The first language is
-    read alone (most pages are in it), the others `limits.OCR_PARALLEL` at a time, so a Thai
-    page costs two rounds, not three. Returns the readings made, in order ([] when none finished
-    in time; None when OCR is unavailable)."""
+    (the page reads in that language) or the time ``budget`` is spent (default
+    `limits.OCR_BUDGET_S`). With a ``probe`` (a
+    small part of the crop) the script is looked for first (`script_order`) and the crop is
+    read in the likeliest language first, and, unless the probe read nothing in any language,
+    in at most `MAX_FULL_READINGS` languages: a Thai page costs a few small readings and one
+    full one, not three full ones, and a page no language reads costs two full ones, not four.
+    Returns the readings of the crop, in order, up to the first that did not finish in time
+    ([] when none did; None when OCR is unavailable)."""
     langs = available_languages() if languages is None else languages
     if not langs:
         return None
-    height, width = grey.shape
-    step = max(1, limits.OCR_PARALLEL)
-    rounds = [langs[:1]] + [langs[i : i + step] for i in range(1, len(langs), step)]
+    deadline = time.monotonic() + (limits.OCR_BUDGET_S if budget is None else budget)
+    order = list(langs)
+    if probe is not None and len(langs) > 1:
+        order, probes = script_order(probe, langs, deadline)
+        if any(r.chars >= PROBE_MIN_CHARS for r in probes):  # else it told nothing: read all
+            order = order[:MAX_FULL_READINGS]
     results: list[OcrResult] = []
-    deadline = time.monotonic() + budget
-    with ThreadPoolExecutor(step) as pool:
-        for batch in rounds:
-            left = min(limits.OCR_TIMEOUT_S, deadline - time.monotonic())
-            if left <= 0.2:
-                break
-            tsvs = list(pool.map(lambda lang, t=left: run_tesseract(grey, lang, timeout=t), batch))
-            settled = False
-            for lang, tsv in zip(batch, tsvs, strict=True):
-                if tsv is None:
-                    continue
-                conf, words, chars, strong = parse_tsv(tsv, width, height)
-                result = OcrResult(conf, words, chars, lang, strong)
-                results.append(result)
-                settled = settled or (enough is not None and enough(result))
-            if settled:
-                break
+    for lang in order:
+        left = min(limits.OCR_TIMEOUT_S, deadline - time.monotonic())
+        if left <= 0.2:
+            break
+        result = reading(grey, lang, timeout=left)
+        if result is None:
+            # Not read in time (or the engine failed): the languages after it are less likely,
+            # and their readings alone would call a page in this one unreadable.
+            break
+        results.append(result)
+        if enough is not None and enough(result):
+            break
     return results

@@ -15,6 +15,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (HERE, os.environ.get("PYT
 
 import corpus  # noqa: E402 - the helper module lives beside this file
 
+from intake import limits  # noqa: E402
 from intake.runner import shutdown_pool  # noqa: E402
 
 
@@ -29,3 +30,13 @@ def _stop_workers():
     """Workers outlive a test; stop them at the end of the session."""
     yield
     shutdown_pool()
+
+
+@pytest.fixture
+def unhurried_ocr(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OCR given all the time it needs. Its time limits are wall-clock ones: on a busy machine
+    the readings run out of time and the verdict falls back to the fast screen, so a test of
+    what the verdict says must not depend on the load (the limits' own behaviour is tested
+    apart, in test_legibility.py)."""
+    monkeypatch.setattr(limits, "OCR_BUDGET_S", 600.0)
+    monkeypatch.setattr(limits, "OCR_TIMEOUT_S", 300.0)

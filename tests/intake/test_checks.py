@@ -9,12 +9,16 @@ from pathlib import Path
 
 import corpus
 import numpy as np
+import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from intake import Kind, Status, check
 from intake.cli import main as cli_main
 from intake.language import detect
 from intake.pdf import pdf_opens_with_password
+
+# Photo and scanned-page verdicts rest on OCR: judged without its wall-clock limits.
+pytestmark = pytest.mark.usefixtures("unhurried_ocr")
 
 
 def _codes(verdict) -> list[str]:
