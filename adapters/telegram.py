@@ -43,6 +43,7 @@ from aiogram.types import (
 from sqlalchemy import or_
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import col, func, select
 
 from adapters import metrics
@@ -357,7 +358,12 @@ def is_transient(exc: BaseException) -> bool:
     """Failures that say "not now" rather than "never": retried without limit."""
     if isinstance(
         exc,
-        TelegramNetworkError | TelegramServerError | TelegramRetryAfter | TimeoutError,
+        # PoolTimeout: every database connection busy for the pool's whole wait (overload).
+        TelegramNetworkError
+        | TelegramServerError
+        | TelegramRetryAfter
+        | TimeoutError
+        | PoolTimeout,
     ):
         return True
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
