@@ -42,7 +42,7 @@ from aiogram.types import (
 )
 from sqlalchemy import or_
 from sqlalchemy import update as sql_update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import col, func, select
 
@@ -65,6 +65,11 @@ SCRUBBED = "{}"  # the payload of a message once it is out
 INBOX_LEASE_WAIT_S = 2.0
 LANE_BATCH = 5  # a chat's pending messages read at once (sent one by one, in order)
 OUTBOX_LEASE_WAIT_S = 0.2  # short: the holder sends every pending row of the chat anyway
+
+
+# The database not answering, or every connection of the pool busy for its whole timeout
+# (PostgreSQL, hundreds of chats at once on a starved machine): the scans try again later.
+DATABASE_AWAY = (SQLAlchemyError, OSError)
 
 
 def backoff(attempt: int) -> float:
@@ -161,7 +166,10 @@ class InboxProcessor:
 
     async def run(self) -> None:
         while not self._stopping:
-            await self._dispatch_pending()
+            try:
+                await self._dispatch_pending()
+            except DATABASE_AWAY as exc:  # scanned again in a second: never stop the bot for it
+                log.warning("inbox scan failed error=%s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             self._wake.clear()
@@ -216,14 +224,16 @@ class InboxProcessor:
                     for update_id in group:
                         queue.remove(update_id)
                         self._queued.discard(update_id)
-                if lease is None or lease.lost:  # another instance has the chat: scan later
-                    for waiting in queue:
-                        self._queued.discard(waiting)
-                    queue.clear()
+        except Exception as exc:  # outside a handler: the database away, its pool run dry...
+            log.warning("inbox lane stopped chat=%s error=%s", lane, type(exc).__name__)
         finally:
+            # However the lane ends (its chat held by another instance, an error above), what
+            # it did not handle goes back to the next scan; kept queued here, it would wait
+            # for the chat's next update, which a patient waiting for an answer never sends.
+            for waiting in queue:
+                self._queued.discard(waiting)
             del self._workers[lane]
-            if not queue:
-                self._queues.pop(lane, None)
+            self._queues.pop(lane, None)
 
     async def _load(self, update_id: int) -> InboxRow | None:
         async with self._store.reader() as session:
@@ -353,7 +363,12 @@ def is_transient(exc: BaseException) -> bool:
     """Failures that say "not now" rather than "never": retried without limit."""
     if isinstance(
         exc,
-        TelegramNetworkError | TelegramServerError | TelegramRetryAfter | TimeoutError,
+        # PoolTimeout: every database connection busy for the pool's whole wait (overload).
+        TelegramNetworkError
+        | TelegramServerError
+        | TelegramRetryAfter
+        | TimeoutError
+        | PoolTimeout,
     ):
         return True
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
@@ -499,7 +514,10 @@ class OutboxSender:
     async def run(self) -> None:
         await self.recover()
         while not self._stopping:
-            await self._start_lanes()
+            try:
+                await self._start_lanes()
+            except DATABASE_AWAY as exc:  # as in InboxProcessor.run
+                log.warning("outbox scan failed error=%s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
             self._wake.clear()
