@@ -24,7 +24,7 @@ form reads and types, e.g. 20-60: 500 patients then ask for about 12 steps/s, wi
 Telegram's overall 20-30 messages/s), --waves (1: with 2, a second group of as many new
 patients follows the first, to compare memory), --postgres (the bot on a fresh database
 of the PostgreSQL at 127.0.0.1:5432, see tests/services.py, instead of its SQLite file),
---seed.
+--timeout seconds a patient waits for an answer before giving up (300), --seed.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ async def measure(args: argparse.Namespace, database: str | None) -> int:
         args.ramp,
         parse_think(args.think),
         args.seed,
+        args.timeout,
         extra_env={"DATABASE_URL": database} if database else None,
     )
     handled, since = result.handled_ms(), result.since_ms()
@@ -133,6 +134,7 @@ def main() -> int:
     parser.add_argument("--think", default="0", help="MIN-MAX seconds before each step")
     parser.add_argument("--waves", type=int, default=1)
     parser.add_argument("--postgres", action="store_true")
+    parser.add_argument("--timeout", type=float, default=300.0, help="s a patient waits a reply")
     parser.add_argument("--seed", type=int, default=7)
     return asyncio.run(run(parser.parse_args()))
 
