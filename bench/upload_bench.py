@@ -1,7 +1,9 @@
-"""Web upload benchmark: `python bench/upload_bench.py [--quick | --mb N] [--rounds R]`.
+"""Web upload benchmark: `python bench/upload_bench.py [--quick | --mb N] [--rounds R]
+[--file-kb K]`.
 
 Generates a study (DICOM files of 4 MiB with random pixels, 1 GiB by default, 50 MiB with
---quick) and, in each round, side by side over loopback:
+--quick; --file-kb 512 for files the size of a CT's slices) and, in each round, side by side
+over loopback:
 
 * `curl -T` of the files to a trivial aiohttp sink that reads and drops the bytes: the
   baseline (goal: the upload endpoint at >= 0.7x its throughput);
@@ -190,22 +192,22 @@ def free_port() -> int:
 # -- the study ---------------------------------------------------------------------------------
 
 
-def write_study(folder: Path, total_mib: int) -> list[Path]:
+def write_study(folder: Path, total_mib: int, file_bytes: int = FILE_BYTES) -> list[Path]:
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
     from pydicom.uid import generate_uid
 
     template = dcmread(str(get_testdata_file("CT_small.dcm")))
-    template.Rows, template.Columns = 1024, FILE_BYTES // 2048  # 16-bit pixels
+    template.Rows, template.Columns = 1024, file_bytes // 2048  # 16-bit pixels
     study, series = generate_uid(), generate_uid()
     (folder / "DICOM").mkdir(parents=True)
     paths = []
-    for number in range(max(1, total_mib * MIB // FILE_BYTES)):
+    for number in range(max(1, total_mib * MIB // file_bytes)):
         dataset = copy.deepcopy(template)
         dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
         dataset.InstanceNumber = number + 1
-        dataset.PixelData = os.urandom(FILE_BYTES)
+        dataset.PixelData = os.urandom(file_bytes)
         path = folder / "DICOM" / f"IM{number:05d}"
         dataset.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -337,6 +339,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a 50 MiB study")
     parser.add_argument("--mb", type=int, default=1024, help="study size in MiB")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every measure")
+    parser.add_argument("--file-kb", type=int, default=FILE_BYTES // 1024, help="pixels per file")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--durable-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
@@ -355,7 +358,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="upload-bench-", dir=os.environ.get("TMPDIR")))
     servers: list[subprocess.Popen[str]] = []
     try:
-        paths = write_study(work / "CD", size_mib)
+        paths = write_study(work / "CD", size_mib, args.file_kb * 1024)
         total = sum(p.stat().st_size for p in paths)
         files = manifest(paths)
         bodies = cut_chunks(paths, work / "chunks")
