@@ -49,14 +49,12 @@ from bot.settings import Settings  # noqa: E402
 from tests.botproc import BotProcess  # noqa: E402
 from tests.emulator import BotApiEmulator  # noqa: E402
 from tests.harness import max_per_window, rate_breaches  # noqa: E402
+from tests.load import HANDLED_RE, WALK, LoadPatient  # noqa: E402
 from tests.services import fresh_postgres_database  # noqa: E402
 from tests.test_cluster import (  # noqa: E402
-    HANDLED_RE,
     LIMITED,
     REDIS_URL,
-    WALK,
     Balancer,
-    WalkingPatient,
     address,
     instance,
     new_token,
@@ -153,7 +151,7 @@ async def run_setup(name: str, args: argparse.Namespace) -> Result:
             try:
                 await start_all(emu, bots)
                 patients = [
-                    WalkingPatient(emu, emu.user(30_000 + i, first_name=f"B{i}"), args.steps)
+                    LoadPatient(emu, emu.user(30_000 + i, first_name=f"B{i}"), args.steps)
                     for i in range(args.patients)
                 ]
                 started = time.monotonic()

@@ -9,8 +9,20 @@ import pytest
 
 from tests.botproc import BotProcess
 from tests.emulator import BotApiEmulator
+from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # the coordinator of the e2e fixtures: their private chat gets alerts
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The same test on a SQLite file and on a fresh PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        (tmp_path / "data").mkdir(exist_ok=True)
+        yield f"sqlite:///{tmp_path / 'data' / 'cc.db'}"
+    else:
+        with fresh_postgres_database() as url:
+            yield url
 
 
 @pytest.fixture

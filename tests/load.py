@@ -57,22 +57,24 @@ class TimingEmulator(BotApiEmulator):
 
 class LoadPatient:
     """Walks the first `steps` of WALK, each step once the answer to the previous arrived,
-    after thinking `think` seconds (uniform between the two bounds)."""
+    after thinking `think` seconds (uniform between the two bounds), noting each update and
+    how long its answer took to show up."""
 
     def __init__(
         self,
-        emu: TimingEmulator,
+        emu: BotApiEmulator,
         user: SimUser,
-        steps: int,
-        think: tuple[float, float],
-        rng: random.Random,
+        steps: int = len(WALK),
+        think: tuple[float, float] = (0.0, 0.0),
+        rng: random.Random | None = None,
     ) -> None:
         self.emu = emu
         self.user = user
         self.steps = WALK[:steps]
         self.think = think
-        self.rng = rng
+        self.rng = rng or random.Random(user.id)
         self.updates: list[int] = []
+        self.latencies: list[float] = []  # seconds, update sent -> its answer seen
         self.done = 0
         self.error: str | None = None
 
@@ -85,7 +87,7 @@ class LoadPatient:
 
         return match
 
-    async def run(self, delay: float, timeout: float) -> None:
+    async def run(self, delay: float, timeout: float = 120.0) -> None:
         await asyncio.sleep(delay)
         last: dict[str, Any] | None = None
         try:
@@ -93,6 +95,7 @@ class LoadPatient:
                 if index and self.think[1] > 0:
                     await asyncio.sleep(self.rng.uniform(*self.think))
                 mark = self.emu.cursor()
+                sent = time.monotonic()
                 if action == "say":
                     self.updates.append(self.emu.send_text(self.user, arg))
                 else:
@@ -100,9 +103,10 @@ class LoadPatient:
                     data = self.emu.button(last, arg)
                     self.updates.append(self.emu.press(self.user, last, data))
                 last = await self.emu.wait_for(self._mine(expect), timeout=timeout, since=mark)
+                self.latencies.append(time.monotonic() - sent)
                 self.done += 1
         except (TimeoutError, LookupError, ValueError) as exc:
-            self.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            self.error = f"step {self.done}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 @dataclass

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import delete, update
@@ -20,19 +19,9 @@ from adapters.keys import new_data_key
 from adapters.migrate import upgrade
 from adapters.store import SqlStore
 from adapters.tables import AuditRow
-from tests.services import fresh_postgres_database
 
 CASE_A = "a" * 32
 CASE_B = "b" * 32
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'audit.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 @pytest.fixture

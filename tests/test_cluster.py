@@ -44,33 +44,17 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from core.replies import Reply, Text, Verbatim, reply
 from tests.botproc import BotProcess
-from tests.emulator import BotApiEmulator, Call, SimUser
+from tests.emulator import BotApiEmulator, Call
 from tests.harness import GLOBAL_LIMIT, event_text, max_per_window, rate_breaches
+from tests.load import HANDLED_RE, WALK, LoadPatient
 from tests.services import _reachable, fresh_postgres_database, services_required
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 COORDINATOR = 900_001
 SECRET = "cluster-webhook-secret-0123456789"
 HOOK_PATH = "/telegram/webhook"
-HANDLED_RE = re.compile(r"update handled update=(\d+) ms=([\d.]+)")
 # Calls that go through the outbox's rate limiter (pinning a new card does not).
 LIMITED = ("sendMessage", "editMessageText", "deleteMessage", "sendPhoto", "sendDocument")
-# A text-and-buttons walk through the whole default checklist: (action, argument, what
-# the bot's answer contains). The name and birth date are asked after the procedure.
-WALK = [
-    ("say", "/start", "I agree"),
-    ("tap", "I agree", "General medical review"),
-    ("tap", "General medical review", "your full name"),
-    ("say", "Ann Example", "date of birth"),
-    ("say", "31.01.1980", "Step 1 of 7"),
-    ("tap", "I don't have this", "Step 2 of 7"),
-    ("tap", "I don't have this", "Step 3 of 7"),
-    ("tap", "Skip", "Step 4 of 7"),
-    ("tap", "I don't have this", "Step 5 of 7"),
-    ("say", "Metformin 500 mg twice a day. Allergic to penicillin.", "Step 6 of 7"),
-    ("tap", "Skip", "Step 7 of 7"),
-    ("tap", "I don't have this", "everything the hospital needs"),
-]
 
 
 def need_redis() -> None:
@@ -548,46 +532,6 @@ def json_update_id(body: bytes) -> int:
     return int(match.group(1)) if match else 0
 
 
-class WalkingPatient:
-    """Walks WALK step by step, noting each update and how long its answer took."""
-
-    def __init__(self, emu: BotApiEmulator, user: SimUser, steps: int = len(WALK)) -> None:
-        self.emu = emu
-        self.user = user
-        self.steps = WALK[:steps]
-        self.updates: list[int] = []
-        self.latencies: list[float] = []  # seconds, update sent -> its answer seen
-        self.done = 0
-        self.error: str | None = None
-
-    def _answer(self, fragment: str) -> Any:
-        def match(event: dict[str, Any]) -> bool:
-            if event.get("chat_id") != self.user.id:
-                return False
-            labels = " ".join(str(b.get("text")) for b in self.emu.buttons(event))
-            return fragment in event_text(event) or fragment in labels
-
-        return match
-
-    async def run(self, delay: float, timeout: float = 120.0) -> None:
-        await asyncio.sleep(delay)
-        last: dict[str, Any] | None = None
-        try:
-            for action, arg, expect in self.steps:
-                mark = self.emu.cursor()
-                sent = time.monotonic()
-                if action == "say":
-                    self.updates.append(self.emu.send_text(self.user, arg))
-                else:
-                    assert last is not None
-                    self.updates.append(self.emu.press(self.user, last, self.emu.button(last, arg)))
-                last = await self.emu.wait_for(self._answer(expect), timeout=timeout, since=mark)
-                self.latencies.append(time.monotonic() - sent)
-                self.done += 1
-        except (TimeoutError, LookupError, ValueError) as exc:
-            self.error = f"step {self.done}: {type(exc).__name__}: {str(exc)[:300]}"
-
-
 def instance(
     emu: BotApiEmulator,
     workdir: Path,
@@ -737,7 +681,7 @@ async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) ->
             try:
                 await start_all(emu, bots)
                 patients = [
-                    WalkingPatient(emu, emu.user(20_000 + i, first_name=f"P{i}"))
+                    LoadPatient(emu, emu.user(20_000 + i, first_name=f"P{i}"))
                     for i in range(patients_n)
                 ]
                 walking = asyncio.gather(

@@ -42,7 +42,6 @@ from core.review import CALLBACK_DATA_MAX, parse_pressed
 from handlers import coordinator, patient
 from tests.files import pdf_bytes
 from tests.scenario import IDENTITY_STEPS, apply_steps, default_steps, walk_to_complete
-from tests.services import fresh_postgres_database
 
 COORDINATOR = 900_001  # in COORDINATOR_IDS
 COORDINATOR_CHAT = -100_500  # COORDINATOR_CHAT_ID
@@ -168,15 +167,6 @@ def callback_update(update_id: int, user_id: int, chat_id: int, data: str) -> Up
         },
     }
     return Update.model_validate(payload)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'cc.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 async def _complete_case(app: App, tmp_path: Path, chat_id: int) -> None:

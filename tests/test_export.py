@@ -47,7 +47,7 @@ from tests.scenario import IDENTITY_STEPS, apply_steps
 from tests.test_shell_and_cli import run_cli
 
 # The real store, vault and conversation service of the store tests, on SQLite and PostgreSQL.
-app, database_url = test_store_service.app, test_store_service.database_url
+app = test_store_service.app  # the fixture (database_url comes from conftest)
 
 # The manifest reads as the English catalog says (any key it lacks would show up raw).
 with (Path(__file__).resolve().parent.parent / "locales/en/LC_MESSAGES/messages.po").open(

@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,20 +36,10 @@ from adapters.store import SqlStore, new_id, utcnow
 from adapters.tables import CaseRow, FileRow, InboxRow
 from adapters.vault import Vault
 from core.ports import Patient
-from tests.services import fresh_postgres_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PATIENT_NAME = "Quetzalli Oyelaran-Brzezinska"
 SMALL_CHUNK = 4096
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cc.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 @dataclass

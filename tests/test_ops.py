@@ -44,15 +44,6 @@ def need_pg_tools() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'cc.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
-
-
 async def open_app(data_dir: Path, database_url: str, **settings: object) -> App:
     configured = Settings(data_dir=data_dir, database_url=database_url, **settings)  # type: ignore[arg-type]
     await asyncio.to_thread(prepare, configured)

@@ -22,7 +22,7 @@ from tests import test_store_service
 from tests.scenario import IDENTITY_STEPS
 from tests.test_store_service import count
 
-app, database_url = test_store_service.app, test_store_service.database_url  # fixtures
+app = test_store_service.app  # the fixture (database_url comes from conftest)
 
 ALL_DAY = ReminderPolicy(days=(1, 3, 7), first_hour=0, last_hour=24)
 PATIENT = Patient(chat_id=515, user_id=515, language_code="en")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,20 +19,10 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from tests.files import dicom_path, document_photo, pdf_bytes
 from tests.scenario import IDENTITY_STEPS, walk_to_complete
-from tests.services import fresh_postgres_database
 
 COORDINATOR = -100500
 SECRET_NAME = "Zhang Wei-Secretname"  # never in clear in the database
 SECRET_ANSWER = "Zolpidem-7731 nightly; allergic to Quetzalcoatlin"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'cc.db'}"
-    else:
-        with fresh_postgres_database() as url:
-            yield url
 
 
 @pytest.fixture
