@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from adapters.telegram import (
     GROUP_BURST,
     GROUP_WINDOW_S,
     InboxProcessor,
+    KeepResponseTypes,
     OutboxSender,
     Poller,
     parked_notice,
@@ -64,7 +66,22 @@ def make_bot(settings: Settings) -> Bot:
     server = TelegramAPIServer.from_base(
         settings.telegram_api_base_url, is_local=settings.telegram_api_local
     )
-    return Bot(settings.bot_token, session=AiohttpSession(api=server))
+    session = AiohttpSession(api=server)
+    session.middleware(KeepResponseTypes())
+    return Bot(settings.bot_token, session=session)
+
+
+def set_aside_startup_objects() -> None:
+    """Exempt what start-up built from garbage collection, for the life of the process.
+
+    Modules, the pydantic schemas of every Bot API type and the SQL mappings are some 300 000
+    objects that live as long as the bot; every full collection walked them all, a pause of
+    about 140 ms (on this 2-core machine) in which no patient is answered: most of the slow
+    tail of the update latency under load. Frozen, they are no longer walked; what handling
+    updates allocates is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def set_commands(bot: Bot, app: App) -> None:
@@ -296,6 +313,7 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await set_commands(bot, app)
         except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
             log.warning("could not set the command menu: %s", type(exc).__name__)
+        set_aside_startup_objects()
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(runtime.processor.run(), name="inbox"),
             asyncio.create_task(runtime.sender.run(), name="outbox"),
