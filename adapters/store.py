@@ -38,6 +38,7 @@ from core.replies import Reply, Text
 
 CARD_PREFIX = '{"card"'  # how an outbox row holding the checklist card begins
 CARD_QUIET_S = 2.0  # a card waits for this much quiet in its chat (see enqueue_card)
+MARKED_KEPT = 4096  # see SqlStore._marked: far more than the updates in work at once
 
 
 def utcnow() -> datetime:
@@ -110,6 +111,7 @@ class SqlTransaction:
     # Rows read here that are written again later in the transaction: the session's
     # identity map holds rows only weakly, and a row dropped from it is read again.
     _kept: list[Any] = field(default_factory=list)
+    marked: list[int] = field(default_factory=list)  # updates this transaction marks done
 
     async def update_seen(self, update_id: int) -> bool:
         # Several instances (adapters.cluster): on PostgreSQL the inbox row is locked until
@@ -127,6 +129,7 @@ class SqlTransaction:
             row = InboxRow(update_id=update_id, chat_id=chat_id, received_at=now)
         row.status, row.done_at, row.payload_enc, row.error = "done", now, None, None
         self.session.add(row)
+        self.marked.append(update_id)
 
     async def load_case(self, chat_id: int) -> Case | None:
         query = select(CaseRow).where(CaseRow.chat_id == chat_id)
@@ -513,6 +516,9 @@ class SqlStore:
         # busy handler. PostgreSQL: as many sessions as the pool has connections.
         self._read_gate = Gate(POOL_CONNECTIONS)
         self._write_gate = Gate(1) if engine.dialect.name == "sqlite" else self._read_gate
+        # Updates that transactions of this process marked done, committed (the newest
+        # MARKED_KEPT): the inbox asks here before it reads the database.
+        self._marked: dict[int, None] = {}
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -537,7 +543,23 @@ class SqlStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqlTransaction]:
         async with self.session() as session:
-            yield SqlTransaction(session, self.keys, for_update=self._postgres)
+            tx = SqlTransaction(session, self.keys, for_update=self._postgres)
+            yield tx
+        # Committed (an error would have left at the yield).
+        for update_id in tx.marked:
+            self._marked[update_id] = None
+        while len(self._marked) > MARKED_KEPT:
+            del self._marked[next(iter(self._marked))]
+
+    def marked_here(self, update_ids: list[int]) -> bool:
+        """Whether a committed transaction of this process marked all these updates done
+        (forgetting them: each is asked about once). False means "not known here", not
+        "not done": another instance, or a mark older than the newest MARKED_KEPT."""
+        if not all(update_id in self._marked for update_id in update_ids):
+            return False
+        for update_id in update_ids:
+            del self._marked[update_id]
+        return True
 
     def outbox_payload(self, row: OutboxRow) -> dict[str, Any]:
         """An outbox row's message as queued (sealed ones decrypted)."""

@@ -339,6 +339,8 @@ class InboxProcessor:
 
     async def _all_marked(self, rows: list[InboxRow]) -> bool:
         ids = [row.update_id for row in rows]
+        if self._store.marked_here(ids):  # the usual case: no read
+            return True
         async with self._store.reader() as session:
             done = await session.exec(
                 select(func.count())

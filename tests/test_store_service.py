@@ -386,3 +386,20 @@ def test_every_legibility_rejection_allows_the_lenient_third_try() -> None:
     for code in (*LEGIBILITY_ERRORS, "pdf_pages_illegible"):
         assert retakeable(verdict_from(Kind.IMAGE, [Finding(code, Severity.ERROR)])), code
     assert not retakeable(verdict_from(Kind.PDF, [Finding("pdf_corrupt", Severity.ERROR)]))
+
+
+async def test_the_store_knows_which_updates_its_commits_marked_done(app: App) -> None:
+    """The inbox skips reading an update back when this process committed its "done"; a
+    rolled-back mark is not taken for one, and each mark answers once."""
+    store = app.store
+    async with store.transaction() as tx:
+        await tx.mark_update(71, 515)
+        await tx.mark_update(72, 515)
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.mark_update(73, 515)
+            raise RuntimeError("the handler failed: the transaction rolls back")
+    assert not store.marked_here([71, 73])  # 73 rolled back
+    assert store.marked_here([71, 72])
+    assert not store.marked_here([71])  # asked once already: the database answers now
+    assert await count(app, InboxRow, InboxRow.status == "done") == 2
