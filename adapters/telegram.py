@@ -451,45 +451,53 @@ GLOBAL_PER_SECOND = 20
 class _RateLimiter:
     """Sliding windows per chat (a burst of 3, about 1/s) and per group; overall, sends are
     paced evenly (one every 1/GLOBAL_PER_SECOND s) so that scheduling jitter cannot bunch a
-    second's worth of them together."""
+    second's worth of them together, and never more than GLOBAL_PER_SECOND in any second."""
 
     def __init__(self) -> None:
         self._last: dict[int, deque[float]] = {}
         self._global: deque[float] = deque()
         self._next_global = 0.0
 
-    def delay(self, chat_id: int, now: float) -> float:
+    def _chat_delay(self, chat_id: int, now: float) -> float:
         window, limit = (
             (GROUP_WINDOW_S, GROUP_BURST) if chat_id < 0 else (CHAT_WINDOW_S, CHAT_BURST)
         )
         sent = self._last.setdefault(chat_id, deque())
         while sent and now - sent[0] >= window:
             sent.popleft()
+        return window - (now - sent[0]) if len(sent) >= limit else 0.0
+
+    def _second_delay(self, now: float) -> float:
         while self._global and now - self._global[0] >= 1.0:
             self._global.popleft()
-        wait = 0.0
-        if len(sent) >= limit:
-            wait = max(wait, window - (now - sent[0]))
-        if len(self._global) >= GLOBAL_PER_SECOND:
-            wait = max(wait, 1.0 - (now - self._global[0]))
-        return max(wait, self._next_global - now)
+        return 1.0 - (now - self._global[0]) if len(self._global) >= GLOBAL_PER_SECOND else 0.0
 
     async def wait_turn(self, chat_id: int) -> None:
         """Sleep until a message to this chat fits every limit, then take its slot.
 
-        Checking and taking happen with no await in between, so the many chats' senders
-        (one task each) cannot all pass the global check at once.
+        A chat's own window first (only that chat's sender waits on it); then a place in the
+        overall pace, reserved at once in the order asked. Before, every waiting chat woke at
+        each free slot and all but one slept again: with hundreds of chats waiting, thousands
+        of wake-ups a second. The one-second count is checked again on waking, for a process
+        that woke late and would otherwise send several reserved slots' messages together.
         """
-        wait = self.delay(chat_id, time.monotonic())
+        wait = self._chat_delay(chat_id, time.monotonic())
         while wait > 0:
             await asyncio.sleep(wait)
-            wait = self.delay(chat_id, time.monotonic())
+            wait = self._chat_delay(chat_id, time.monotonic())
+        slot = max(time.monotonic(), self._next_global)
+        self._next_global = slot + 1.0 / GLOBAL_PER_SECOND
+        now = time.monotonic()
+        wait = max(slot - now, self._second_delay(now))
+        while wait > 0:
+            await asyncio.sleep(wait)
+            now = time.monotonic()
+            wait = max(slot - now, self._second_delay(now))
         self.record(chat_id, time.monotonic())
 
     def record(self, chat_id: int, now: float) -> None:
         self._last.setdefault(chat_id, deque()).append(now)
         self._global.append(now)
-        self._next_global = max(now, self._next_global) + 1.0 / GLOBAL_PER_SECOND
 
 
 class ClaimedElsewhere(Exception):
