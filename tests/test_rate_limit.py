@@ -9,14 +9,14 @@ from collections import Counter
 import pytest
 
 from adapters.telegram import GLOBAL_PER_SECOND, _RateLimiter
-from tests.harness import max_per_window
+from tests.harness import GLOBAL_LIMIT, max_per_window
 
 
 async def test_sixty_waiting_chats_are_paced_and_each_sleeps_about_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """60 chats ask at once: no more than GLOBAL_PER_SECOND sends in any second, in the
-    order asked, and a waiting chat is not woken at every free slot to sleep again."""
+    """60 chats ask at once: their turns come evenly paced at GLOBAL_PER_SECOND, in the order
+    asked, and a waiting chat is not woken at every free slot to sleep again."""
     limiter = _RateLimiter()
     sleeps: Counter[str] = Counter()
     real_sleep = asyncio.sleep
@@ -39,7 +39,11 @@ async def test_sixty_waiting_chats_are_paced_and_each_sleeps_about_once(
         tasks.append(asyncio.create_task(send(chat_id), name=f"chat-{chat_id}"))
         await real_sleep(0)
     await asyncio.gather(*tasks)
-    assert max_per_window([t for t, _ in turns], 1.0) <= GLOBAL_PER_SECOND
+    # Paced at GLOBAL_PER_SECOND, 21 turns can fall within a second by a few microseconds of
+    # clock reading; what is promised (and checked at the emulator) is GLOBAL_LIMIT.
+    assert max_per_window([t for t, _ in turns], 1.0) <= GLOBAL_LIMIT
+    span = turns[-1][0] - turns[0][0]  # a process that wakes late only makes it longer
+    assert span >= 0.99 * (len(chats) - 1) / GLOBAL_PER_SECOND
     assert [c for _, c in turns] == chats
     assert max(sleeps.values()) <= 2, sleeps.most_common(3)
 
