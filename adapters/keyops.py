@@ -70,7 +70,8 @@ from adapters.durable import fsync_dir
 from adapters.keyring import KeyRing
 from adapters.keys import FieldDecryptError, KeyHandlingError
 from adapters.store import SqlStore
-from adapters.tables import CaseRow, FileMemberRow, FileRow, InboxRow
+from adapters.tables import CaseRow, FileMemberRow, FileRow, InboxRow, UploadSessionRow
+from adapters.uploads import part_session
 from adapters.vault import BlobIntegrityError, InvalidBlobIdError, Vault
 
 __all__ = [
@@ -542,6 +543,7 @@ class VerifyReport:
     files_checked: int = 0
     files_ok: int = 0
     blobs_in_vault: int = 0
+    upload_chunks: int = 0  # blobs of web uploads still going on: theirs, not orphans
     problems: list[VerifyProblem] = field(default_factory=list)
 
     @property
@@ -551,8 +553,8 @@ class VerifyReport:
     def format(self) -> str:
         head = (
             f"{self.cases_checked} case(s), {self.files_checked} file(s) checked, "
-            f"{self.files_ok} intact; {self.blobs_in_vault} blob(s) in the vault; "
-            f"{len(self.problems)} problem(s)"
+            f"{self.files_ok} intact; {self.blobs_in_vault} blob(s) in the vault "
+            f"({self.upload_chunks} of uploads under way); {len(self.problems)} problem(s)"
         )
         return "\n".join([head, *(f"  {p}" for p in self.problems)])
 
@@ -634,11 +636,20 @@ async def verify_all(
     await check_rows(FileRow)
     await check_rows(FileMemberRow)
 
+    # A web upload's chunks are blobs with no file row until its hand-over: they belong to
+    # their session while it exists (the upload sweep removes them with it).
+    async with store.reader() as session:
+        uploads = set((await session.exec(select(UploadSessionRow.id))).all())
+
     def _orphans() -> tuple[int, list[str]]:
         count, orphans = 0, []
         for blob_id in vault.iter_blob_ids():
             count += 1
-            if blob_id not in referenced:
+            if blob_id in referenced:
+                continue
+            if part_session(blob_id) in uploads:
+                report.upload_chunks += 1
+            else:
                 orphans.append(blob_id)
         return count, orphans
 

@@ -74,6 +74,7 @@ MANIFEST_CACHE = 32  # decrypted file lists kept in memory (uploads going on at 
 OPEN, FINISHING, COMPLETE, EXPIRED = "open", "finishing", "complete", "expired"
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
+_PART_ID = re.compile(r"u([0-9a-f]{1,32})-\d+-\d+")  # part_blob_id
 _MIME = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -161,6 +162,12 @@ class HandoverUnit:
 
 def part_blob_id(session_id: str, layout: int, index: int) -> str:
     return f"u{session_id}-{layout}-{index}"
+
+
+def part_session(blob_id: str) -> str | None:
+    """The upload session a blob is a chunk of (see part_blob_id), None for a case file's."""
+    match = _PART_ID.fullmatch(blob_id)
+    return match.group(1) if match else None
 
 
 def _clean_path(raw: object) -> str:

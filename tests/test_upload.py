@@ -39,6 +39,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import update
 from sqlmodel import col, func, select
 
+from adapters.keyops import verify_all
 from adapters.store import utcnow
 from adapters.tables import CaseRow, FileMemberRow, FileRow, OutboxRow, UploadSessionRow
 from adapters.uploads import ManifestFile, UploadSession, UploadStore, plan_handover
@@ -814,6 +815,9 @@ async def test_the_sweep_expires_uploads_and_clears_what_an_erasure_left(
                 assert response.status == 200
         sessions[chat_id] = (case_id, link, await session_of(app, link))
     assert all(app.vault.exists(s.part(0)) for _, _, s in sessions.values())
+    # `care-companion verify` meanwhile: the chunks are the uploads', not orphans.
+    report = await verify_all(app.store, app.vault, app.store.keys)
+    assert report.ok and report.upload_chunks == 2, report.format()
     # A's link runs out; B's case is crypto-erased (its key is gone, its upload unreadable).
     async with app.store.session() as session:
         await session.exec(
