@@ -641,19 +641,19 @@ async def verify_all(
     async with store.reader() as session:
         uploads = set((await session.exec(select(UploadSessionRow.id))).all())
 
-    def _orphans() -> tuple[int, list[str]]:
-        count, orphans = 0, []
+    def _orphans() -> tuple[int, int, list[str]]:
+        count, chunks, orphans = 0, 0, []
         for blob_id in vault.iter_blob_ids():
             count += 1
             if blob_id in referenced:
                 continue
             if part_session(blob_id) in uploads:
-                report.upload_chunks += 1
+                chunks += 1
             else:
                 orphans.append(blob_id)
-        return count, orphans
+        return count, chunks, orphans
 
-    report.blobs_in_vault, orphans = await asyncio.to_thread(_orphans)
+    report.blobs_in_vault, report.upload_chunks, orphans = await asyncio.to_thread(_orphans)
     for blob_id in orphans:
         found(VerifyProblem("orphan", blob_id=blob_id, detail="no case_files row points to it"))
     return report

@@ -188,7 +188,9 @@ class InboxProcessor:
         self._workers: dict[int, asyncio.Task[None]] = {}
         self._quick_slots = asyncio.Semaphore(QUICK_LANES)
 
-    def _slot_for(self, rows: list[InboxRow]) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _slot_for(
+        self, payloads: list[dict[str, Any]]
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
         """A text or a button press waits for one of QUICK_LANES slots; a file does not (its
         download and checks take seconds, mostly waiting on the network and a worker).
 
@@ -198,7 +200,7 @@ class InboxProcessor:
         more throughput. Capped, an update waits its turn in the inbox instead, its chat's
         order unchanged (a chat's updates are still handled one after the other).
         """
-        if any(carries_file(self._payload(row)) for row in rows):
+        if any(carries_file(payload) for payload in payloads):
             return contextlib.nullcontext()
         return self._quick_slots
 
@@ -260,9 +262,9 @@ class InboxProcessor:
             # is finishing the chat's previous update (it may have arrived there).
             async with self._cluster.lease(f"inbox:{lane}", wait=INBOX_LEASE_WAIT_S) as lease:
                 while queue and lease and not lease.lost and not self._stopping:
-                    group, rows = await self._album_group(queue)
-                    async with self._slot_for(rows):
-                        ok = await self._process(rows)
+                    group, rows, payloads = await self._album_group(queue)
+                    async with self._slot_for(payloads):
+                        ok = await self._process(rows, payloads)
                     if not ok:
                         # Keep the chat's order: later updates wait for this one's retry.
                         for waiting in queue:
@@ -294,17 +296,22 @@ class InboxProcessor:
         assert row.payload_enc is not None
         return dict(json.loads(self._store.keys.decrypt_inbox(row.update_id, row.payload_enc)))
 
-    async def _album_group(self, queue: deque[int]) -> tuple[list[int], list[InboxRow]]:
+    async def _album_group(
+        self, queue: deque[int]
+    ) -> tuple[list[int], list[InboxRow], list[dict[str, Any]]]:
         """The head update, with the rest of its album when it is part of one: their ids,
-        and the rows of those still to handle.
+        and the rows of those still to handle with their payloads (decrypted once, here).
 
         Telegram delivers an album as separate updates sharing `media_group_id`; waiting a
         moment after the first one lets the others arrive, so the album gets one answer.
         """
         head = await self._load(queue[0])
-        group_id = media_group_of(self._payload(head)) if head else None
-        if head is None or group_id is None:
-            return [queue[0]], [head] if head else []
+        if head is None:
+            return [queue[0]], [], []
+        payloads = [self._payload(head)]
+        group_id = media_group_of(payloads[0])
+        if group_id is None:
+            return [queue[0]], [head], payloads
         waited = (utcnow() - aware(head.received_at)).total_seconds()
         if waited < ALBUM_WAIT_S:
             await asyncio.sleep(ALBUM_WAIT_S - waited)
@@ -312,21 +319,24 @@ class InboxProcessor:
         group, rows = [queue[0]], [head]
         for update_id in list(queue)[1:]:
             row = await self._load(update_id)
-            if row is None or media_group_of(self._payload(row)) != group_id:
+            if row is None:
+                break
+            payload = self._payload(row)
+            if media_group_of(payload) != group_id:
                 break
             group.append(update_id)
             rows.append(row)
-        return group, rows
+            payloads.append(payload)
+        return group, rows, payloads
 
-    async def _process(self, rows: list[InboxRow]) -> bool:
+    async def _process(self, rows: list[InboxRow], payloads: list[dict[str, Any]]) -> bool:
         if not rows:
             return True
         head = rows[0]
         started = time.perf_counter()
         try:
             updates = [
-                Update.model_validate(self._payload(row), context={"bot": self._bot})
-                for row in rows
+                Update.model_validate(payload, context={"bot": self._bot}) for payload in payloads
             ]
             extra = {"album_updates": updates} if len(updates) > 1 else {}
             await self._dp.feed_update(
@@ -432,8 +442,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
         return True
     if isinstance(exc, aiohttp.ClientError | ConnectionError):
-        return True
-    if isinstance(exc, PoolTimeout):  # every database connection busy for a while: a surge
         return True
     return isinstance(exc, DBAPIError) and (
         exc.connection_invalidated or isinstance(exc, OperationalError)
