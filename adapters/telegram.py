@@ -228,22 +228,24 @@ class InboxProcessor:
         async with self._store.reader() as session:
             rows = (
                 await session.exec(
-                    select(InboxRow.update_id, InboxRow.chat_id)
+                    select(InboxRow.update_id, InboxRow.chat_id, InboxRow.next_attempt_at)
                     .where(InboxRow.status == "new")
-                    .where(
-                        or_(
-                            col(InboxRow.next_attempt_at).is_(None),
-                            col(InboxRow.next_attempt_at) <= now,
-                        )
-                    )
                     .order_by(col(InboxRow.update_id))
                     .limit(500)
                 )
             ).all()
-        for update_id, chat_id in rows:
+        # A chat whose oldest update waits for its retry waits with it: its later updates
+        # (an album's other parts among them) must not overtake it.
+        waiting_lanes: set[int] = set()
+        for update_id, chat_id, next_attempt_at in rows:
+            lane = chat_id if chat_id is not None else -update_id
+            if lane in waiting_lanes:
+                continue
+            if next_attempt_at is not None and aware(next_attempt_at) > now:
+                waiting_lanes.add(lane)
+                continue
             if update_id in self._queued:
                 continue
-            lane = chat_id if chat_id is not None else -update_id
             self._queued.add(update_id)
             self._queues.setdefault(lane, deque()).append(update_id)
             if lane not in self._workers:

@@ -82,3 +82,44 @@ async def test_texts_in_work_are_capped_files_are_not_and_each_chat_keeps_its_or
     for i in range(40):
         assert [u for c, u in handled if c == 2000 + i] == [1000 + 100 * s + i for s in range(3)]
     assert len(handled) == len(updates) + len(texts)
+
+
+async def test_a_chats_later_updates_wait_for_its_failed_one(tmp_path: Path) -> None:
+    """An update that fails waits for its retry, and its chat's later updates wait with it:
+    an album part or a "done" press overtaking it would land on the wrong item. Another
+    chat goes on meanwhile."""
+    settings = Settings(data_dir=tmp_path / "data")
+    await asyncio.to_thread(prepare, settings)
+    app = build_app(settings)
+    handled: list[int] = []
+    failures = {1: 2}  # update 1 fails twice (retried after 1 s, then 2 s), then succeeds
+    all_handled = asyncio.Event()
+
+    async def handler(message: Message) -> None:
+        if failures.get(message.message_id, 0):
+            failures[message.message_id] -= 1
+            raise ValueError("the handler failed")
+        handled.append(message.message_id)
+        if len(handled) == 3:
+            all_handled.set()
+
+    router = Router()
+    router.message()(handler)
+    dispatcher = Dispatcher()
+    dispatcher.include_router(router)
+    bot = Bot(TOKEN)
+    wake = asyncio.Event()
+    processor = InboxProcessor(bot, dispatcher, app.store, wake, print, {})
+    try:
+        await app.store.store_updates(
+            [message(1, 3001, text="a"), message(2, 3001, text="b"), message(3, 3002, text="c")]
+        )
+        running = asyncio.create_task(processor.run())
+        await asyncio.wait_for(all_handled.wait(), timeout=30)
+        processor.stop()
+        await running
+    finally:
+        await bot.session.close()
+        await app.close()
+    assert handled.index(1) < handled.index(2)
+    assert handled.index(3) < handled.index(1)  # the other chat did not wait
