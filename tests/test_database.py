@@ -1,0 +1,119 @@
+"""The SQLite engine: each statement is one trip to aiosqlite's thread, and still a DBAPI
+cursor in every way SQLAlchemy and the ORM rely on (rows, rowcount, lastrowid, errors)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+from sqlalchemy import insert, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel import SQLModel, col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from adapters.database import create_engine
+from adapters.tables import OutboxRow
+
+NOW = datetime(2026, 11, 28, tzinfo=UTC)
+
+
+def count_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every function aiosqlite hands to its thread, counted (the real one still runs)."""
+    trips = [0]
+    real = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        trips[0] += 1
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return trips
+
+
+async def with_schema(engine: AsyncEngine) -> AsyncEngine:
+    async with engine.begin() as connection:
+        await connection.run_sync(SQLModel.metadata.create_all, tables=[OutboxRow.__table__])
+    return engine
+
+
+async def three_statements(engine: AsyncEngine) -> None:
+    async with AsyncSession(engine) as session, session.begin():
+        await session.exec(text("SELECT 1"))
+        await session.exec(text("SELECT 2"))
+        await session.exec(text("SELECT 3"))
+
+
+async def test_a_statement_is_one_trip_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours = create_engine(f"sqlite:///{tmp_path / 'ours.sqlite'}")
+    plain = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'plain.sqlite'}")
+    try:
+        for engine in (ours, plain):  # connected, so the pool's first connect is not counted
+            await three_statements(engine)
+        trips = count_trips(monkeypatch)
+        await three_statements(ours)
+        ours_trips = trips[0]
+        trips[0] = 0
+        await three_statements(plain)
+        plain_trips = trips[0]
+    finally:
+        await ours.dispose()
+        await plain.dispose()
+    # Ours: BEGIN IMMEDIATE, the three SELECTs, COMMIT and the pool's reset on return.
+    # SQLAlchemy's own aiosqlite cursor: cursor, execute, fetch and close per SELECT.
+    assert ours_trips == 1 + 3 + 1 + 1
+    assert plain_trips == 3 * 4 + 1 + 1
+
+
+async def test_the_one_trip_cursor_keeps_rows_counts_ids_and_errors(tmp_path: Path) -> None:
+    engine = await with_schema(create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    try:
+        async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
+            first = OutboxRow(chat_id=1, locale="en", payload="{}", dedup_key="a", created_at=NOW)
+            second = OutboxRow(chat_id=1, locale="en", payload="{}", created_at=NOW)
+            session.add(first)
+            await session.flush()
+            session.add(second)
+            await session.flush()
+            assert (first.id, second.id) == (1, 2)  # lastrowid, read back by the ORM
+            # executemany
+            await (await session.connection()).execute(
+                insert(OutboxRow),
+                [
+                    {"chat_id": 2, "locale": "th", "payload": "{}", "created_at": NOW}
+                    for _ in range(3)
+                ],
+            )
+        async with AsyncSession(engine) as session, session.begin():
+            rows = (await session.exec(select(OutboxRow).order_by(col(OutboxRow.id)))).all()
+            assert [(row.id, row.chat_id, row.locale) for row in rows] == [
+                (1, 1, "en"),
+                (2, 1, "en"),
+                (3, 2, "th"),
+                (4, 2, "th"),
+                (5, 2, "th"),
+            ]
+            moved = await (await session.connection()).execute(
+                update(OutboxRow).where(col(OutboxRow.chat_id) == 2).values(status="sent")
+            )
+            assert moved.rowcount == 3
+            none = await (await session.connection()).execute(
+                update(OutboxRow).where(col(OutboxRow.chat_id) == 9).values(status="sent")
+            )
+            assert none.rowcount == 0
+        with pytest.raises(IntegrityError):  # a unique key: the driver's error, translated
+            async with AsyncSession(engine) as session, session.begin():
+                session.add(
+                    OutboxRow(chat_id=3, locale="en", payload="{}", dedup_key="a", created_at=NOW)
+                )
+        async with AsyncSession(engine) as session:  # rolled back, nothing half-written
+            sent = await session.exec(select(OutboxRow).where(OutboxRow.status == "sent"))
+            assert len(sent.all()) == 3
+            assert len((await session.exec(select(OutboxRow))).all()) == 5
+    finally:
+        await engine.dispose()
