@@ -92,6 +92,9 @@ _CHUNK_TRAILER = struct.Struct(">QB")
 # write_stream hands pieces to its worker thread in batches of this many chunks: few thread
 # hops per blob, and at most two batches (one being stored, one being gathered) in memory.
 _STREAM_BATCH_CHUNKS = 4
+# Random nonces are drawn for this many chunks at once: one getrandom() call, and one
+# hand-over of the GIL while it runs, per 64 chunks of a large blob instead of per chunk.
+_NONCES_PER_DRAW = 64
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -382,6 +385,7 @@ class BlobWriter:
         self._size = 0
         self._stored = 0
         self._sha = hashlib.sha256() if digest else None
+        self._nonces, self._nonce_at = b"", 0
         self._info: BlobInfo | None = None
         self._aborted = False
         # Serialises chunk emission, commit and abort: write_stream may abort from the
@@ -558,7 +562,10 @@ class BlobWriter:
             # write_stream, and hashlib releases the GIL for large buffers.
             if self._sha is not None:
                 self._sha.update(plain)
-            nonce = secrets.token_bytes(NONCE_SIZE)
+            if self._nonce_at == len(self._nonces):
+                self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
+            nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
+            self._nonce_at += NONCE_SIZE
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
             # Nonce, ciphertext and tag laid out in one reused buffer: one write, and no
             # fresh megabyte to allocate (and for the kernel to zero) per chunk.

@@ -61,7 +61,6 @@ from adapters.uploads import (
     FINISHING,
     OPEN,
     PART_SIZE,
-    PIECE,
     HandoverUnit,
     UploadRefused,
     UploadSession,
@@ -274,6 +273,14 @@ async def _read_json(request: web.Request) -> Any:
         raise UploadRefused("bad_request", "body") from None
 
 
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request's body in the pieces the HTTP parser made of it (up to a socket read
+    each), as they are: gathering them into larger pieces (`iter_chunked`) would copy every
+    byte once more on the event loop, which all requests share."""
+    async for piece, _ in request.content.iter_chunks():
+        yield piece
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
 
@@ -444,9 +451,7 @@ class _UploadServer:
         # The declared length must be exact: no chunked bodies, nothing beyond one chunk.
         if layout == upload.layout and request.content_length != upload.chunk_length(index):
             raise UploadRefused("bad_request", "length")
-        stored = await self.uploads.write_chunk(
-            upload, layout, index, request.content.iter_chunked(PIECE)
-        )
+        stored = await self.uploads.write_chunk(upload, layout, index, _body(request))
         return web.json_response({"stored": True, "new": stored})
 
     async def finish(self, request: web.Request) -> web.Response:
