@@ -112,6 +112,7 @@ class UploadServer:
         self.runner: web.AppRunner | None = None
         self.delay = 0.0
         self.chunk_puts = 0
+        self.put_paths: list[str] = []
 
     @web.middleware
     async def _slow_chunks(
@@ -119,6 +120,7 @@ class UploadServer:
     ) -> web.StreamResponse:
         if request.method == "PUT":
             self.chunk_puts += 1
+            self.put_paths.append(request.path)
             await asyncio.sleep(self.delay)
         return await handler(request)
 
@@ -719,6 +721,48 @@ async def test_a_damaged_part_found_by_the_hand_over_is_sent_again_not_handed_ov
         assert answer["have"] == [i for i in range(upload.chunks) if i not in missing]
         assert await put_stream(http, api, headers, answer, stream) == 200
         await finish_and_wait(http, api, headers)
+    await assert_case_holds(app, case_id, sent)
+
+
+async def test_the_page_sends_again_a_chunk_a_machine_crash_damaged(
+    server: UploadServer, tmp_path: Path
+) -> None:
+    """The machine crashes mid-upload, the page stays open: a chunk it was told is stored
+    comes back damaged. The page carries on; its finish is answered with that chunk, which
+    it sends again, and the case gets exactly the files picked."""
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    upload = await session_of(app, link)
+    sent = write_study(tmp_path / "CD", 40)
+    prefix = f"u{upload.id}-"
+
+    async def parts_on_disk() -> bool:
+        return len([name for name in vault_files(current(server)) if name.startswith(prefix)]) >= 6
+
+    server.delay = 0.05
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        page = await browser.new_page(locale="en-US")
+        try:
+            await page.goto(link)
+            await page.wait_for_selector("body[data-state=ready]")
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+            await until(parts_on_disk, 60, "6 chunks stored")
+            upload = await session_of(app, link)  # declared by now: the layout is known
+            assert upload.chunks > 10
+            await server.stop()
+            crash_damage(app, upload, short=0, zeroed=2)  # acknowledged long before
+            app = await server.start()
+            await page.wait_for_selector("body[data-state=complete]", timeout=120_000)
+        finally:
+            await browser.close()
+    puts = server.put_paths
+    for index in (0, 2):
+        assert puts.count(f"/upload/api/chunks/{upload.layout}/{index}") == 2
     await assert_case_holds(app, case_id, sent)
 
 
