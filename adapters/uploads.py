@@ -64,7 +64,7 @@ from intake import limits
 
 log = logging.getLogger(__name__)
 
-# Plaintext per chunk: a PUT body, and one blob (one fsync, one authorisation) each. 16 MiB
+# Plaintext per chunk: a PUT body, and one blob (one authorisation, one rename) each. 16 MiB
 # keeps those few per byte (bench/upload_bench.py) and every request well under a reverse
 # proxy's usual body limit (nginx: client_max_body_size 20m); the page holds only slices of
 # the picked files, never a chunk's bytes, and sends 3 chunks at a time.

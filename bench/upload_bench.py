@@ -58,7 +58,7 @@ MIB = 1024 * 1024
 
 def serve_sink(port: int, durable: bool) -> None:
     """Reads each body and drops it; `durable`: writes it to a file and fsyncs first (the
-    same durability as the upload, without encryption, names or checks)."""
+    durability the upload had when it fsynced each chunk, without encryption or checks)."""
     from aiohttp import web
 
     spool = Path(tempfile.mkdtemp(prefix="sink-"))
