@@ -8,10 +8,20 @@ An upload is one byte stream: the declared files one after the other, in the ord
 It travels in chunks of the session's part size (PART_SIZE unless UPLOAD_PART_BYTES says
 otherwise; the last chunk shorter), whatever the files' sizes: a CD of 5,000 small scans is a
 few hundred large requests, not 5,000 small ones, and a chunk may hold the end of one file
-and the start of the next. Each chunk becomes its own vault blob, encrypted and fsynced by
-the vault before the chunk is acknowledged. The vault is the progress record: a chunk was
-received exactly when its blob exists, so a restart, a dropped connection or a reload can
-never disagree with what is on disk, and there is no write to the database per chunk.
+and the start of the next. Each chunk becomes its own vault blob, encrypted by the vault
+and in place (written, renamed) before the chunk is acknowledged, but not fsynced: a part is
+never the durable record of a patient's file (the hand-over copies it into the case's own
+fsynced blobs before the patient is told anything), and an fsync per chunk would bind the
+upload to the disk's durable write speed. A crash of the bot's process keeps every
+acknowledged part (its pages stay in the OS's cache); only a crash of the machine can lose or
+damage one, so a part this store did not write itself (or has not checked since it began) is
+trusted only once every one of its chunks' tags verifies: when the page asks what is stored
+(status, the file list, a chunk sent again, finish) and before the hand-over. A part that is
+missing, short or fails its tags is deleted and reported missing, so the page sends it again;
+a hand-over that finds one puts the session back to waiting for it. The vault is thus the
+progress record: a chunk was received exactly when its blob exists and is trusted, so a
+restart, a dropped connection or a reload can never disagree with what is on disk, and there
+is no write to the database per chunk.
 
 Part blob ids are ``u<session id>-<layout>-<chunk>``. The layout number changes whenever the
 declared list does (then the stream's bytes move, and the old parts are dropped); a chunk
@@ -35,6 +45,7 @@ import json
 import logging
 import os
 import re
+import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Generator, Sequence
@@ -48,12 +59,12 @@ from sqlmodel import col, func, select
 from adapters.keyring import KeyRing
 from adapters.store import SqlStore, aware, token_hash, utcnow
 from adapters.tables import CaseRow, FileRow, UploadSessionRow
-from adapters.vault import BlobReader, Vault
+from adapters.vault import BlobIntegrityError, BlobReader, Vault
 from intake import limits
 
 log = logging.getLogger(__name__)
 
-# Plaintext per chunk: a PUT body, and one blob (one fsync, one authorisation) each. 16 MiB
+# Plaintext per chunk: a PUT body, and one blob (one authorisation, one rename) each. 16 MiB
 # keeps those few per byte (bench/upload_bench.py) and every request well under a reverse
 # proxy's usual body limit (nginx: client_max_body_size 20m); the page holds only slices of
 # the picked files, never a chunk's bytes, and sends 3 chunks at a time.
@@ -70,6 +81,12 @@ MAX_LOOSE_FILES = 10
 # instead of "not valid"; the file list is scrubbed as soon as they finish.
 LINGER = timedelta(days=30)
 MANIFEST_CACHE = 32  # decrypted file lists kept in memory (uploads going on at once)
+# Part ids this store wrote or verified, the newest kept: a 4 GiB upload in 16 MiB parts is
+# 256 of them. One forgotten is only verified again when next asked about.
+TRUSTED_PARTS = 65_536
+# A hand-over that found a part damaged reopens its session for at least this long, even
+# past the link's time: the patient did nothing wrong and must be able to send it again.
+REOPEN_GRACE = timedelta(hours=24)
 
 OPEN, FINISHING, COMPLETE, EXPIRED = "open", "finishing", "complete", "expired"
 
@@ -289,6 +306,12 @@ class UploadStore:
         self._keys = keys
         self._part_size = part_size  # for a newly declared list; a session keeps its own
         self._manifests: OrderedDict[str, tuple[str, _Manifest]] = OrderedDict()
+        # Parts known good (see the module's docstring): touched from worker threads too.
+        self._trusted: OrderedDict[str, None] = OrderedDict()
+        self._trusted_lock = threading.Lock()
+        # One check of an untrusted part at a time, so a check that found a part damaged
+        # never deletes a good copy another request wrote under its name meanwhile.
+        self._checking = threading.Lock()
 
     # -- sessions --------------------------------------------------------------------
 
@@ -433,6 +456,10 @@ class UploadStore:
             row = (await tx.session.exec(query)).one()
             if row.state != OPEN:
                 raise UploadRefused("used" if row.state == COMPLETE else "not_ready")
+            if row.handed and not same:
+                # Some files reached the intake before a damaged part reopened the session:
+                # their numbering must hold, so only the same files may be sent again.
+                raise UploadRefused("not_ready", "files already handed over")
             if await self._case_bytes(tx.session, upload) + offset > max_case_bytes:
                 raise UploadRefused("too_big")
             case = await tx.session.get(CaseRow, upload.case_id)
@@ -481,17 +508,53 @@ class UploadStore:
     # -- chunks ----------------------------------------------------------------------
 
     def received(self, upload: UploadSession) -> list[int]:
-        """Indexes of the chunks already stored (blocking: a stat per chunk)."""
-        return [index for index in range(upload.chunks) if self._vault.exists(upload.part(index))]
+        """Indexes of the chunks stored and trusted (blocking: a stat per chunk, and a full
+        check of each part this store has not written or checked, see `_check_part`)."""
+        return [index for index in range(upload.chunks) if self._check_part(upload, index)]
+
+    def _check_part(self, upload: UploadSession, index: int) -> bool:
+        """Whether the chunk's part is stored and good (blocking). One this store wrote or
+        checked is; another (written before a restart) only once its size is the chunk's and
+        every chunk tag verifies: a machine crash can leave an unsynced part missing, short
+        or zeroed. A damaged part is deleted, so the chunk reads as missing and is sent
+        again."""
+        blob_id = upload.part(index)
+        if not self._vault.exists(blob_id):
+            return False
+        with self._trusted_lock:
+            if blob_id in self._trusted:
+                self._trusted.move_to_end(blob_id)
+                return True
+        with self._checking:
+            try:
+                size = self._vault.verify(blob_id, upload.key, digest=False).size
+            except FileNotFoundError:
+                return False  # deleted meanwhile (a new layout, a check before this one)
+            except BlobIntegrityError:
+                size = -1
+            if size != upload.chunk_length(index):
+                self._vault.delete(blob_id)
+                log.warning("upload part damaged, deleted upload=%s chunk=%d", upload.id[:8], index)
+                return False
+        self._trust(blob_id)
+        return True
+
+    def _trust(self, blob_id: str) -> None:
+        with self._trusted_lock:
+            self._trusted[blob_id] = None
+            self._trusted.move_to_end(blob_id)
+            while len(self._trusted) > TRUSTED_PARTS:
+                self._trusted.popitem(last=False)
 
     async def write_chunk(
         self, upload: UploadSession, layout: int, index: int, body: AsyncIterator[bytes]
     ) -> bool:
-        """Stream one chunk into its own encrypted blob, durable when this returns.
+        """Stream one chunk into its own encrypted blob, in place (not fsynced, see the
+        module's docstring) when this returns.
 
-        False when the chunk was already stored (a retry after a lost answer): the body is
-        not read. UploadRefused when the chunk is not part of the session's current layout
-        or its length is not exactly the chunk's (then nothing is kept).
+        False when the chunk was already stored and is good (a retry after a lost answer):
+        the body is not read. UploadRefused when the chunk is not part of the session's
+        current layout or its length is not exactly the chunk's (then nothing is kept).
         """
         if upload.state != OPEN:
             raise UploadRefused("not_ready")
@@ -500,7 +563,7 @@ class UploadStore:
         if not 0 <= index < upload.chunks:
             raise UploadRefused("bad_request", "no such chunk")
         blob_id = upload.part(index)
-        if await asyncio.to_thread(self._vault.exists, blob_id):
+        if await asyncio.to_thread(self._check_part, upload, index):
             return False
         expected = upload.chunk_length(index)
 
@@ -517,28 +580,53 @@ class UploadStore:
 
         try:
             # No digest: nobody reads a part's hash; the intake hashes the files it is given.
-            await self._vault.write_stream(blob_id, upload.key, exactly(), digest=False)
+            # Not durable: see the module's docstring.
+            await self._vault.write_stream(
+                blob_id, upload.key, exactly(), digest=False, durable=False
+            )
         except FileExistsError:
-            return False  # the same chunk arrived twice at once; one copy won
+            return False  # the same chunk arrived twice at once; one copy won (and is trusted)
+        self._trust(blob_id)
         return True
 
     # -- hand-over -------------------------------------------------------------------
 
-    async def start_finishing(self, upload: UploadSession) -> None:
-        """Every chunk is in: close the session to new chunks (once; idempotent)."""
+    async def missing(self, upload: UploadSession) -> list[int]:
+        """Indexes of the chunks not stored or not good (damaged ones are deleted)."""
+        received = set(await asyncio.to_thread(self.received, upload))
+        return [index for index in range(upload.chunks) if index not in received]
+
+    async def start_finishing(self, upload: UploadSession) -> list[int]:
+        """Every chunk is in: close the session to new chunks (once; idempotent). Returns
+        the chunks still missing (then the session stays open), as `missing`."""
         if upload.state in (FINISHING, COMPLETE):
-            return
+            return []
         if not upload.files:
             raise UploadRefused("not_ready", "no files")
-        received = await asyncio.to_thread(self.received, upload)
-        if len(received) != upload.chunks:
-            raise UploadRefused("not_ready", "chunks missing")
+        if missing := await self.missing(upload):
+            return missing
         async with self._store.session() as session:
             await session.exec(
                 update(UploadSessionRow)
                 .where(col(UploadSessionRow.id) == upload.id, col(UploadSessionRow.state) == OPEN)
                 .values(state=FINISHING)
             )
+        return []
+
+    async def reopen(self, upload: UploadSession) -> None:
+        """A finishing session found a part damaged: wait for chunks again (the page sends
+        what `missing` reports), for REOPEN_GRACE at least."""
+        expires = max(upload.expires_at, utcnow() + REOPEN_GRACE)
+        async with self._store.session() as session:
+            await session.exec(
+                update(UploadSessionRow)
+                .where(
+                    col(UploadSessionRow.id) == upload.id,
+                    col(UploadSessionRow.state) == FINISHING,
+                )
+                .values(state=OPEN, expires_at=expires)
+            )
+        log.info("upload reopened for damaged parts upload=%s", upload.id[:8])
 
     async def mark_handed(self, session_id: str, count: int) -> None:
         async with self._store.session() as session:

@@ -6,7 +6,9 @@ Layout under the vault root::
     tmp/<blob id>.<random>.tmp                   blobs being written
 
 Plaintext never touches the disk, not even in ``tmp/``: the writer encrypts each chunk
-in memory before writing it.
+in memory before writing it.  A committed blob is durable (file and directory fsynced)
+unless its writer was asked for ``durable=False``, which only the web upload's parts are:
+they are verified before use and never the durable record (see ``adapters.uploads``).
 
 Blob file format, version 1::
 
@@ -90,6 +92,9 @@ _CHUNK_TRAILER = struct.Struct(">QB")
 # write_stream hands pieces to its worker thread in batches of this many chunks: few thread
 # hops per blob, and at most two batches (one being stored, one being gathered) in memory.
 _STREAM_BATCH_CHUNKS = 4
+# Random nonces are drawn for this many chunks at once: one getrandom() call, and one
+# hand-over of the GIL while it runs, per 64 chunks of a large blob instead of per chunk.
+_NONCES_PER_DRAW = 64
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -188,17 +193,20 @@ class Vault:
 
     # ----------------------------------------------------------------- writing
 
-    def writer(self, blob_id: str, key: bytes, *, digest: bool = True) -> BlobWriter:
+    def writer(
+        self, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+    ) -> BlobWriter:
         """Start writing a new blob; see :class:`BlobWriter`.
 
         The blob becomes visible only when the writer is committed.  Committing fails
         with FileExistsError if a blob with this id already exists.  ``digest=False``
         skips the plaintext's SHA-256 (its BlobInfo.sha256 is then empty) for callers
-        that never use it.
+        that never use it.  ``durable=False`` commits without any fsync (see
+        :meth:`BlobWriter.commit`): only for blobs that are never the durable record.
         """
         validate_blob_id(blob_id)
         _check_key(key)
-        return BlobWriter(self, blob_id, key, digest=digest)
+        return BlobWriter(self, blob_id, key, digest=digest, durable=durable)
 
     async def write_stream(
         self,
@@ -207,6 +215,7 @@ class Vault:
         chunks: AsyncIterator[bytes] | AsyncIterable[bytes],
         *,
         digest: bool = True,
+        durable: bool = True,
     ) -> BlobInfo:
         """Encrypt an async stream of byte pieces into a new blob and commit it.
 
@@ -216,9 +225,10 @@ class Vault:
         loop gathers the next, so receiving and storing overlap and the loop never blocks
         on disk or crypto.  At most two batches are held (one being stored, one being
         gathered).  The last batch, the fsync and the rename go in one more thread call.
-        On any error or cancellation the temporary file is removed.
+        On any error or cancellation the temporary file is removed.  ``digest`` and
+        ``durable`` are as for :meth:`writer`.
         """
-        writer = await asyncio.to_thread(self.writer, blob_id, key, digest=digest)
+        writer = await asyncio.to_thread(self.writer, blob_id, key, digest=digest, durable=durable)
         batch_size = _STREAM_BATCH_CHUNKS * self.chunk_size
         storing: asyncio.Task[None] | None = None
         try:
@@ -257,17 +267,21 @@ class Vault:
         _check_key(key)
         return BlobReader(path, blob_id, key)
 
-    def verify(self, blob_id: str, key: bytes) -> BlobInfo:
+    def verify(self, blob_id: str, key: bytes, *, digest: bool = True) -> BlobInfo:
         """Authenticate every chunk and return the plaintext size and SHA-256.
 
         Raises :class:`BlobIntegrityError` on the first chunk that fails.  Memory use
-        is about two chunks regardless of blob size.
+        is about two chunks regardless of blob size.  ``digest=False`` only
+        authenticates (BlobInfo.sha256 is then empty).
         """
-        digest = hashlib.sha256()
+        sha = hashlib.sha256() if digest else None
         with self.reader(blob_id, key) as reader:
             for index in range(reader.chunk_count):
-                digest.update(reader._decrypt_chunk(index))
-            return BlobInfo(blob_id, reader.size, digest.hexdigest(), reader.stored_size)
+                plain = reader._decrypt_chunk(index)
+                if sha is not None:
+                    sha.update(plain)
+            hexdigest = sha.hexdigest() if sha is not None else ""
+            return BlobInfo(blob_id, reader.size, hexdigest, reader.stored_size)
 
     # ----------------------------------------------------------------- housekeeping
 
@@ -351,9 +365,12 @@ class BlobWriter:
     Not safe for concurrent use from several threads.
     """
 
-    def __init__(self, vault: Vault, blob_id: str, key: bytes, *, digest: bool = True) -> None:
+    def __init__(
+        self, vault: Vault, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+    ) -> None:
         """Create the temp file and write the header; use :meth:`Vault.writer`."""
         self.blob_id = blob_id
+        self._durable = durable
         self._vault = vault
         self._aead = AESGCM(bytes(key))
         self._chunk_size = vault.chunk_size
@@ -368,6 +385,7 @@ class BlobWriter:
         self._size = 0
         self._stored = 0
         self._sha = hashlib.sha256() if digest else None
+        self._nonces, self._nonce_at = b"", 0
         self._info: BlobInfo | None = None
         self._aborted = False
         # Serialises chunk emission, commit and abort: write_stream may abort from the
@@ -444,6 +462,11 @@ class BlobWriter:
 
         Returns the :class:`BlobInfo`; calling it again returns the same info.  Raises
         FileExistsError (after removing the temp file) if the blob id is already taken.
+
+        A writer made with ``durable=False`` skips both fsyncs: the blob then survives a
+        crash of this process (its pages stay in the OS's cache) but not necessarily one
+        of the machine, after which it may be missing, short or hold zeros.  Its chunks'
+        tags still tell (:meth:`Vault.verify`): the reader never returns a damaged byte.
         """
         with self._lock:
             if self._info is not None:
@@ -452,7 +475,8 @@ class BlobWriter:
             try:
                 self._emit_buffer(True)
                 assert self._fd is not None
-                os.fsync(self._fd)
+                if self._durable:
+                    os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
                 self._publish()
@@ -538,7 +562,10 @@ class BlobWriter:
             # write_stream, and hashlib releases the GIL for large buffers.
             if self._sha is not None:
                 self._sha.update(plain)
-            nonce = secrets.token_bytes(NONCE_SIZE)
+            if self._nonce_at == len(self._nonces):
+                self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
+            nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
+            self._nonce_at += NONCE_SIZE
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
             # Nonce, ciphertext and tag laid out in one reused buffer: one write, and no
             # fresh megabyte to allocate (and for the kernel to zero) per chunk.
@@ -555,11 +582,13 @@ class BlobWriter:
             self._filled = 0
 
     def _publish(self) -> None:
-        """Move the fsynced temp file to its final name without replacing anything."""
+        """Move the (fsynced, if durable) temp file to its final name without replacing
+        anything."""
         shard = self._final_path.parent
         if not shard.is_dir():
             shard.mkdir(mode=_DIR_MODE, exist_ok=True)
-            fsync_dir(shard.parent)
+            if self._durable:
+                fsync_dir(shard.parent)
         try:
             # link() fails if the name exists, unlike rename(): a colliding blob id
             # must never silently replace another patient's file.
@@ -580,7 +609,8 @@ class BlobWriter:
             os.rename(self._tmp_path, self._final_path)
         else:
             os.unlink(self._tmp_path)
-        fsync_dir(shard)
+        if self._durable:
+            fsync_dir(shard)
 
     def _release_buffer(self) -> None:
         self._buf = bytearray()

@@ -1,5 +1,5 @@
 """Web upload benchmark: `python bench/upload_bench.py [--quick | --mb N] [--rounds R]
-[--file-kb K]`.
+[--file-kb K] [--compare REV]`.
 
 Generates a study (DICOM files of 4 MiB with random pixels, 1 GiB by default, 50 MiB with
 --quick; --file-kb 512 for files the size of a CT's slices) and, in each round, side by side
@@ -15,7 +15,10 @@ over loopback:
   the trivial sink: what the protocol itself costs, with a client as fast as curl; and to
   the durable sink: the same chunks stored and fsynced, without encryption or the vault;
 * the same to the real upload sub-app (bot.upload) on a real App: every chunk encrypted into
-  its own vault blob and fsynced before it is acknowledged;
+  its own vault blob (not fsynced: see adapters.uploads) before it is acknowledged;
+* with --compare REV, the same again to the upload sub-app as of git revision REV (its tree
+  extracted with `git archive`, run on this venv and the compiled catalogs): before and after
+  a change, side by side in one run;
 * after the last round, the hand-over that follows (the folder as one ZIP through the
   intake: checks, members), timed apart: the patient does not wait on it with the page open.
 
@@ -55,7 +58,7 @@ MIB = 1024 * 1024
 
 def serve_sink(port: int, durable: bool) -> None:
     """Reads each body and drops it; `durable`: writes it to a file and fsyncs first (the
-    same durability as the upload, without encryption, names or checks)."""
+    durability the upload had when it fsynced each chunk, without encryption or checks)."""
     from aiohttp import web
 
     spool = Path(tempfile.mkdtemp(prefix="sink-"))
@@ -140,6 +143,12 @@ def serve_upload(data_dir: Path, port: int, cases: int) -> None:
     asyncio.run(main())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system time the process has used so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -147,9 +156,11 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start(*args: str) -> tuple[subprocess.Popen[str], str]:
+def start(*args: str, root: Path = ROOT) -> tuple[subprocess.Popen[str], str]:
+    """This script (as of `root`'s tree) with `args`, and the first line it prints."""
+    script = root / Path(__file__).relative_to(ROOT)
     process = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, script, *args], stdout=subprocess.PIPE, text=True, cwd=root
     )
     assert process.stdout is not None
     first = process.stdout.readline().strip()
@@ -179,6 +190,21 @@ def wait_for_port(port: int) -> None:
             return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on port {port}")
+
+
+def extract_revision(revision: str, target: Path) -> Path:
+    """The repository's tree at `revision` in `target`, with this tree's compiled catalogs
+    (they are built, not committed)."""
+    target.mkdir()
+    with subprocess.Popen(
+        ["git", "-C", str(ROOT), "archive", revision], stdout=subprocess.PIPE
+    ) as archive:
+        subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
+    if archive.returncode:
+        raise SystemExit(f"git archive {revision} failed")
+    for catalog in (ROOT / "locales").rglob("*.mo"):
+        shutil.copy(catalog, target / catalog.relative_to(ROOT))
+    return target
 
 
 def free_port() -> int:
@@ -340,6 +366,7 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=1024, help="study size in MiB")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every measure")
     parser.add_argument("--file-kb", type=int, default=FILE_BYTES // 1024, help="pixels per file")
+    parser.add_argument("--compare", metavar="REV", help="also the endpoint as of git REV")
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--durable-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
@@ -377,21 +404,59 @@ def main() -> int:
         rss_idle = peak_rss_mib(server.pid)
         api = f"http://127.0.0.1:{port}/upload/api"
         tokens = [link.rsplit("/", 1)[1] for link in links.split()]
+        before_api, before_tokens = "", [""] * args.rounds
+        if args.compare:
+            old_root = extract_revision(args.compare, work / "before")
+            before_port = free_port()
+            before, before_links = start(
+                "--serve",
+                str(work / "data-before"),
+                str(before_port),
+                str(args.rounds),
+                root=old_root,
+            )
+            servers.append(before)
+            wait_for_port(before_port)
+            before_api = f"http://127.0.0.1:{before_port}/upload/api"
+            before_tokens = [link.rsplit("/", 1)[1] for link in before_links.split()]
 
         def timed(run: Callable[[], float]) -> float:
             os.sync()  # each measure starts with no dirty pages left by the one before
             return run()
 
+        # CPU time the upload servers use per GiB: what the code costs, whatever the load
+        # from elsewhere (which moves wall-clock times a lot on a shared machine).
+        cpu: dict[str, list[float]] = {"upload": [], "before": []}
+
+        def costed(name: str, pid: int, run: Callable[[], float]) -> Callable[[], float]:
+            def measure() -> float:
+                used = cpu_seconds(pid)
+                elapsed = run()
+                cpu[name].append((cpu_seconds(pid) - used) / (total / 1024**3))
+                return elapsed
+
+            return measure
+
         rounds: list[dict[str, float]] = []
-        for number, token in enumerate(tokens):
+        for number, (token, before_token) in enumerate(zip(tokens, before_tokens, strict=True)):
             measures: dict[str, Callable[[], float]] = {
                 "curl": lambda: curl_upload(paths, sink_url),
                 "durable": lambda: curl_upload(paths, durable_url),
                 "dd": lambda: dd_copy(paths, work / "dd-copy"),
                 "client": lambda: protocol_upload(files, bodies, sink_url, None),
                 "client_durable": lambda: protocol_upload(files, bodies, durable_url, None),
-                "upload": lambda: protocol_upload(files, bodies, api, token),  # noqa: B023
+                "upload": costed(
+                    "upload",
+                    server.pid,
+                    lambda: protocol_upload(files, bodies, api, token),  # noqa: B023 - called in this iteration only
+                ),
             }
+            if args.compare:
+                measures["before"] = costed(
+                    "before",
+                    before.pid,
+                    lambda: protocol_upload(files, bodies, before_api, before_token),  # noqa: B023 - called in this iteration only
+                )
             # Every other round runs them in the reverse order: a load that rises or falls
             # through a round does not always favour the same side.
             order = list(measures) if number % 2 == 0 else list(reversed(measures))
@@ -419,6 +484,16 @@ def main() -> int:
         print(f"page protocol (curl) -> sink                {rate('client')}")
         print(f"page protocol (curl) -> durable sink        {rate('client_durable')}")
         print(f"page protocol (curl) -> upload endpoint     {rate('upload')}")
+        if args.compare:
+            print(f"the same -> upload endpoint as of {args.compare:<9} {rate('before')}")
+            print(
+                f"upload endpoint as of {args.compare}: {ratio('curl', 'before'):.2f}x curl to "
+                f"the sink; now {ratio('before', 'upload'):.2f}x that; server CPU per GiB "
+                f"{statistics.median(cpu['before']):.2f} s then, "
+                f"{statistics.median(cpu['upload']):.2f} s now"
+            )
+        else:
+            print(f"upload server CPU per GiB {statistics.median(cpu['upload']):.2f} s")
         print(
             f"upload endpoint: {ratio('curl', 'upload'):.2f}x curl to the sink (goal >= 0.7x), "
             f"{ratio('durable', 'upload'):.2f}x curl to the durable sink, "

@@ -22,6 +22,8 @@ Routes (relative to the mount point)::
     PUT  api/chunks/<layout>/<n>        chunk n of the stream (the files one after the
                                         other): exactly the part size (the last shorter)
     POST api/finish                     every chunk is in: hand the files to the intake
+                                        (or, if a stored chunk was found damaged, the
+                                        chunks to send again: state "open", "missing")
 
 API requests authenticate with ``Authorization: Bearer <token>`` or ``tma <initData>``
 (never a cookie, so no cross-site request can act for the patient). Chunks stream into the
@@ -59,7 +61,6 @@ from adapters.uploads import (
     FINISHING,
     OPEN,
     PART_SIZE,
-    PIECE,
     HandoverUnit,
     UploadRefused,
     UploadSession,
@@ -272,6 +273,14 @@ async def _read_json(request: web.Request) -> Any:
         raise UploadRefused("bad_request", "body") from None
 
 
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request's body in the pieces the HTTP parser made of it (up to a socket read
+    each), as they are: gathering them into larger pieces (`iter_chunked`) would copy every
+    byte once more on the event loop, which all requests share."""
+    async for piece, _ in request.content.iter_chunks():
+        yield piece
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN and Infinity
 
@@ -442,15 +451,13 @@ class _UploadServer:
         # The declared length must be exact: no chunked bodies, nothing beyond one chunk.
         if layout == upload.layout and request.content_length != upload.chunk_length(index):
             raise UploadRefused("bad_request", "length")
-        stored = await self.uploads.write_chunk(
-            upload, layout, index, request.content.iter_chunked(PIECE)
-        )
+        stored = await self.uploads.write_chunk(upload, layout, index, _body(request))
         return web.json_response({"stored": True, "new": stored})
 
     async def finish(self, request: web.Request) -> web.Response:
         upload = await self._authorise(request, complete_ok=True)
-        if upload.state == OPEN:
-            await self.uploads.start_finishing(upload)
+        if upload.state == OPEN and (missing := await self.uploads.start_finishing(upload)):
+            return web.json_response({"state": OPEN, "missing": missing})
         if upload.state != COMPLETE:
             self._hand_over_soon(upload.id)
         return web.json_response({"state": FINISHING if upload.state == OPEN else upload.state})
@@ -469,10 +476,15 @@ class _UploadServer:
     async def _hand_over(self, session_id: str) -> None:
         """Each file to the intake as if sent in the chat (the service answers the patient
         there), then spend the link. Resumable: units already handed are skipped, and one
-        handed twice is answered as a duplicate."""
+        handed twice is answered as a duplicate. Parts a machine crash damaged never reach
+        the intake: they are found first, and the session waits for them again (the page,
+        polling, sends them)."""
         try:
             upload = await self.uploads.get(session_id)
             if upload.state != FINISHING:
+                return
+            if await self.uploads.missing(upload):
+                await self.uploads.reopen(upload)
                 return
             patient = Patient(upload.chat_id, upload.chat_id, None)
             units = plan_handover(upload.files)

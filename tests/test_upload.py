@@ -6,7 +6,9 @@ the page reloaded and the folder picked again; it must finish, having sent only 
 missing, and the case must hold exactly the bytes picked (a screenshot of the finished page
 is saved under test-artifacts/). The Mini App page with Telegram's signed launch data. The
 others speak HTTP directly: used, expired and foreign links, forged Mini App data, limits,
-headers, a hand-over resumed after a restart, the sweep.
+headers, a hand-over resumed after a restart, parts a machine crash damaged (found when the
+page resumes, or by the hand-over) sent again, parts unsynced while case files are fsynced,
+the sweep.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from handlers.render import Translator
 from tests.files import pdf_bytes
+from tests.fsyncs import CAN_NAME_FDS, fsynced_paths
 from tests.scenario import IDENTITY_STEPS, PATIENT_NAME, apply_steps
 from tests.services import services_required
 
@@ -109,6 +112,7 @@ class UploadServer:
         self.runner: web.AppRunner | None = None
         self.delay = 0.0
         self.chunk_puts = 0
+        self.put_paths: list[str] = []
 
     @web.middleware
     async def _slow_chunks(
@@ -116,6 +120,7 @@ class UploadServer:
     ) -> web.StreamResponse:
         if request.method == "PUT":
             self.chunk_puts += 1
+            self.put_paths.append(request.path)
             await asyncio.sleep(self.delay)
         return await handler(request)
 
@@ -606,6 +611,188 @@ async def test_a_hand_over_cut_by_a_restart_resumes_when_the_server_starts(
 
     await until(complete, 60, "the hand-over to resume")
     assert await count(app, FileRow, FileRow.case_id == case_id) == 1
+
+
+def part_file(app: App, upload: UploadSession, index: int) -> Path:
+    blob_id = upload.part(index)
+    return app.vault.blobs_dir / blob_id[:2] / blob_id
+
+
+def crash_damage(app: App, upload: UploadSession, short: int, zeroed: int) -> None:
+    """What a machine crash may leave of parts that were never fsynced: one cut short, one
+    the right size but zeros (the file system kept the size, not the data)."""
+    cut = part_file(app, upload, short)
+    os.truncate(cut, cut.stat().st_size // 2)
+    zeros = part_file(app, upload, zeroed)
+    zeros.write_bytes(bytes(zeros.stat().st_size))
+
+
+async def upload_study(
+    http: aiohttp.ClientSession, api: str, headers: dict[str, str], sent: list[Path]
+) -> tuple[list[dict[str, Any]], bytes]:
+    """Declare the study as the page does and send every chunk; (the list, the stream)."""
+    files = [{"path": f"CD/DICOM/{p.name}", "size": p.stat().st_size, "modified": 7} for p in sent]
+    stream = b"".join(path.read_bytes() for path in sent)
+    status, answer = await declare(http, api, headers, files)
+    assert status == 200
+    assert await put_stream(http, api, headers, answer, stream) == 200
+    return files, stream
+
+
+async def assert_case_holds(app: App, case_id: str, sent: list[Path]) -> None:
+    """The case holds one ZIP (the CD) whose members are exactly the files sent."""
+    async with app.store.reader() as session:
+        files = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+    assert len(files) == 1
+    key = app.store.keys.case_key(case_id, await _wrapped(app, case_id))
+    with app.vault.reader(files[0].blob_id, key) as reader, zipfile.ZipFile(reader) as archive:
+        assert sorted(archive.namelist()) == sorted(f"DICOM/{path.name}" for path in sent)
+        for path in sent:
+            assert archive.read(f"DICOM/{path.name}") == path.read_bytes()
+
+
+async def test_parts_a_machine_crash_damaged_are_found_on_resume_and_sent_again(
+    server: UploadServer, tmp_path: Path
+) -> None:
+    """Parts are not fsynced: after a machine crash the bot (a new process, nothing in
+    memory) trusts no part it did not write until its tags verify, so the page is told the
+    damaged chunks are missing, sends only those, and the case gets the bytes sent."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    sent = write_study(tmp_path / "CD", 12)
+    async with aiohttp.ClientSession() as http:
+        files, stream = await upload_study(http, api, headers, sent)
+    upload = await session_of(app, link)
+    assert upload.chunks >= 6
+    await server.stop()
+    crash_damage(app, upload, short=1, zeroed=4)
+    app = await server.start()
+    server.chunk_puts = 0
+    async with aiohttp.ClientSession() as http:
+        # The page, reloaded, asks what is stored, then declares the same files again.
+        async with http.get(f"{api}/status", headers=headers) as response:
+            status = await response.json()
+        damaged = upload.chunk_length(1) + upload.chunk_length(4)
+        assert (status["state"], status["received"]) == ("open", len(stream) - damaged)
+        assert not part_file(app, upload, 1).exists() and not part_file(app, upload, 4).exists()
+        code, answer = await declare(http, api, headers, files)
+        assert code == 200 and answer["layout"] == upload.layout
+        assert answer["have"] == [i for i in range(upload.chunks) if i not in (1, 4)]
+        assert await put_stream(http, api, headers, answer, stream) == 200
+        assert server.chunk_puts == 2
+        await finish_and_wait(http, api, headers)
+    await assert_case_holds(app, case_id, sent)
+
+
+async def test_a_damaged_part_found_by_the_hand_over_is_sent_again_not_handed_over(
+    server: UploadServer, tmp_path: Path
+) -> None:
+    """The machine crashed after the page had sent everything and asked to finish: the
+    resumed hand-over checks the parts first, hands nothing to the intake, and waits for the
+    damaged chunks again (for a day at least); the page's finish then asks for them."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    sent = write_study(tmp_path / "CD", 12)
+    async with aiohttp.ClientSession() as http:
+        files, stream = await upload_study(http, api, headers, sent)
+    upload = await session_of(app, link)
+    assert await store_of(app).start_finishing(upload) == []
+    await server.stop()
+    crash_damage(app, upload, short=0, zeroed=upload.chunks - 1)
+    app = await server.start()  # its start resumes the hand-over
+
+    async def reopened() -> bool:
+        return (await session_of(current(server), link)).state == "open"
+
+    await until(reopened, 60, "the hand-over to find the damaged parts")
+    assert await count(app, FileRow, FileRow.case_id == case_id) == 0
+    assert (await session_of(app, link)).expires_at > utcnow() + timedelta(hours=23)
+    missing = [0, upload.chunks - 1]
+    async with aiohttp.ClientSession() as http:
+        # The page was polling: its finish (sent again) answers what to send once more.
+        async with http.post(f"{api}/finish", json={}, headers=headers) as response:
+            assert await response.json() == {"state": "open", "missing": missing}
+        code, answer = await declare(http, api, headers, files)
+        assert code == 200
+        assert answer["have"] == [i for i in range(upload.chunks) if i not in missing]
+        assert await put_stream(http, api, headers, answer, stream) == 200
+        await finish_and_wait(http, api, headers)
+    await assert_case_holds(app, case_id, sent)
+
+
+async def test_the_page_sends_again_a_chunk_a_machine_crash_damaged(
+    server: UploadServer, tmp_path: Path
+) -> None:
+    """The machine crashes mid-upload, the page stays open: a chunk it was told is stored
+    comes back damaged. The page carries on; its finish is answered with that chunk, which
+    it sends again, and the case gets exactly the files picked."""
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    upload = await session_of(app, link)
+    sent = write_study(tmp_path / "CD", 40)
+    prefix = f"u{upload.id}-"
+
+    async def parts_on_disk() -> bool:
+        return len([name for name in vault_files(current(server)) if name.startswith(prefix)]) >= 6
+
+    server.delay = 0.05
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        page = await browser.new_page(locale="en-US")
+        try:
+            await page.goto(link)
+            await page.wait_for_selector("body[data-state=ready]")
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+            await until(parts_on_disk, 60, "6 chunks stored")
+            upload = await session_of(app, link)  # declared by now: the layout is known
+            assert upload.chunks > 10
+            await server.stop()
+            crash_damage(app, upload, short=0, zeroed=2)  # acknowledged long before
+            app = await server.start()
+            await page.wait_for_selector("body[data-state=complete]", timeout=120_000)
+        finally:
+            await browser.close()
+    puts = server.put_paths
+    for index in (0, 2):
+        assert puts.count(f"/upload/api/chunks/{upload.layout}/{index}") == 2
+    await assert_case_holds(app, case_id, sent)
+
+
+@pytest.mark.skipif(not CAN_NAME_FDS, reason="needs /proc to name a descriptor")
+async def test_parts_are_not_fsynced_and_the_case_files_are(
+    server: UploadServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Receiving chunks fsyncs nothing; the hand-over fsyncs the case's own blob (its file
+    and its directory) before the upload completes."""
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    sent = write_study(tmp_path / "CD", 12)
+    calls = fsynced_paths(monkeypatch)
+    async with aiohttp.ClientSession() as http:
+        await upload_study(http, api, headers, sent)
+        upload = await session_of(app, link)
+        assert len(vault_files(app)) >= upload.chunks  # the parts are there...
+        assert calls == []  # ...and none was fsynced
+        await finish_and_wait(http, api, headers)
+    async with app.store.reader() as session:
+        [blob_id] = (
+            await session.exec(select(FileRow.blob_id).where(FileRow.case_id == case_id))
+        ).all()
+    tmp, blobs = str(app.vault.tmp_dir), str(app.vault.blobs_dir)
+    assert any(call.startswith(f"{tmp}/{blob_id}.") for call in calls), calls
+    assert f"{blobs}/{blob_id[:2]}" in calls
+    assert not [call for call in calls if f"/u{upload.id}-" in call]
+    await assert_case_holds(app, case_id, sent)
 
 
 async def test_expired_forged_and_foreign_access_is_refused_and_stores_nothing(

@@ -38,6 +38,7 @@ from adapters.vault import (
     InvalidBlobIdError,
     Vault,
 )
+from tests.fsyncs import CAN_NAME_FDS, fsynced_paths
 
 CS = CHUNK_SIZE
 STORED_CHUNK = CS + CHUNK_OVERHEAD
@@ -430,6 +431,32 @@ def test_duplicate_id_refused(vault: Vault, key: bytes) -> None:
     with vault.reader("duplicate", key) as r:
         assert r.read() == b"first"
     assert all_files(vault.root / "tmp") == []
+
+
+@pytest.mark.skipif(not CAN_NAME_FDS, reason="needs /proc to name a descriptor")
+async def test_only_a_writer_asked_not_to_be_durable_skips_fsync(
+    vault: Vault, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable blob fsyncs its file, then its new shard's parent and the shard; one
+    written with durable=False fsyncs nothing, and reads back the same all the same."""
+    data = payload(CS * 2 + 5)
+    calls = fsynced_paths(monkeypatch)
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield data
+
+    await vault.write_stream("nd000001", key, pieces(), durable=False)
+    with vault.writer("nd000002", key, durable=False) as writer:
+        writer.write(data)
+    assert calls == []
+    store(vault, "du000001", key, data)
+    tmp, blobs = str(vault.tmp_dir), str(vault.blobs_dir)
+    assert [call.startswith(f"{tmp}/du000001.") for call in calls] == [True, False, False]
+    assert calls[1:] == [blobs, f"{blobs}/du"]
+    for blob_id in ("nd000001", "nd000002", "du000001"):
+        assert vault.verify(blob_id, key).size == len(data)
+        with vault.reader(blob_id, key) as reader:
+            assert reader.read() == data
 
 
 def test_delete_exists_iter_and_cleanup(vault: Vault, key: bytes) -> None:

@@ -248,16 +248,31 @@
       });
       plan.sort((a, b) => a.offset - b.offset);
       showFiles();
-      const queue = [];
-      for (let index = 0; index < chunkCount(); index++) {
-        if (!have.has(index)) queue.push(index);
+      for (;;) {
+        const queue = [];
+        for (let index = 0; index < chunkCount(); index++) {
+          if (!have.has(index)) queue.push(index);
+        }
+        const worker = async () => {
+          while (queue.length) await sendChunk(queue.shift());
+        };
+        await Promise.all(Array.from({ length: PARALLEL }, worker));
+        // The server may find a stored chunk damaged (after its machine crashed): then the
+        // upload is open again and the chunks it lacks are sent once more.
+        const finished = await call("POST", "finish", {});
+        if (finished.state === "open") {
+          for (const index of finished.missing) have.delete(index);
+          notice(text.uploading, "uploading");
+          continue;
+        }
+        if (await untilComplete()) return;
+        byId("controls").hidden = false;
+        notice(text.uploading, "uploading");
+        const again = await call("POST", "files", { files: manifest });
+        ({ layout } = again);
+        have = new Set(again.have);
+        redraw();
       }
-      const worker = async () => {
-        while (queue.length) await sendChunk(queue.shift());
-      };
-      await Promise.all(Array.from({ length: PARALLEL }, worker));
-      await call("POST", "finish", {});
-      await untilComplete();
     } catch (error) {
       refuse(error instanceof Refused ? error.reason : "failed");
     }
@@ -271,13 +286,18 @@
     notice(text.done, "complete");
   }
 
-  // The server hands the files to the bot's checks; the bot answers in the chat.
+  // The server hands the files to the bot's checks; the bot answers in the chat. True once
+  // complete; false if the server found a stored chunk damaged and waits for it again.
   async function untilComplete() {
     byId("controls").hidden = true;
     notice(text.finishing, "finishing");
     for (;;) {
       const status = await call("GET", "status");
-      if (status.state === "complete") return complete();
+      if (status.state === "complete") {
+        complete();
+        return true;
+      }
+      if (status.state === "open") return false;
       await sleep(1500);
     }
   }
@@ -285,9 +305,14 @@
   async function begin() {
     enablePickers(false);
     try {
-      const status = await call("GET", "status");
+      let status = await call("GET", "status");
       if (status.state === "complete") return complete();
-      if (status.state === "finishing") return await untilComplete();
+      if (status.state === "finishing") {
+        if (await untilComplete()) return;
+        // Open again (a damaged chunk): the files must be picked again to send it.
+        byId("controls").hidden = false;
+        status = await call("GET", "status");
+      }
       if (status.total > 0) {
         // A reload: the browser forgot the files, the server kept their chunks.
         notice(fill(text.resume, { percent: percent(status.received, status.total) }));
