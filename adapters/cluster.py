@@ -33,6 +33,15 @@ handling the same update at the very same moment the second waits for the first 
 then finds it done and changes nothing. A chat's messages have no such guard: a sender
 frozen past its lease's TTL may send a message the new holder sends too (alerts excepted:
 they are marked "sending" before their request and never sent again).
+
+Redis going away is an outage: no lease is taken (lanes wait for the next scan), no message
+sent (the rate limiter cannot reserve a slot), /readyz fails. A holder that cannot renew
+stops starting work under its lease in the last fifth of its TTL (`Lease.lost`), even while
+its renewal still hangs. Redis back without its data (a restart without persistence: every
+lease gone at once, not a TTL after its holder's last renewal): no lease is given out until
+a TTL after the data set began (`_TAKE`), so the holders of the lost leases have stopped,
+their sends in flight landed and marked, before anyone takes their chats over. That wait
+also outlasts a chat's rate-limit window (3.3 s), lost with the rest.
 """
 
 from __future__ import annotations
@@ -40,9 +49,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -55,12 +66,42 @@ T = TypeVar("T")
 
 LEASE_TTL_S = 10.0  # how long a dead instance's chats wait before another takes them
 LEASE_POLL_S = 0.05  # how often a waiting lease is tried again
+# Nothing new is started under a lease in the last fifth of its TTL (2 s): what was started
+# before has that long to finish (an update's handling or a send takes milliseconds). Renewed
+# every third of the TTL, a lease never gets that close to its expiry while Redis answers.
+LEASE_MARGIN = 0.2
 REDIS_TIMEOUT_S = 5.0  # a Redis call slower than this counts as Redis being down
 # A send woken more than this after its slot takes a new one: with slots every 1/20 s, no
 # second then holds more than 20 x (1 + LATE_S) sends, under Telegram's 30 (we promise 25).
 LATE_S, LATE_TRIES = 0.2, 3
 REDIS_CONNECTIONS = 64  # per instance; a busy instance waits for a free one, never fails
 
+# Take a lease (KEYS[1]) for ARGV[1] with a TTL of ARGV[2] ms, unless Redis lost its data
+# less than a TTL ago. Returns 1 taken, 0 held by another, or minus how long ago (ms) the data
+# was lost. Why the wait: a restart without persistence empties Redis, every lease with it,
+# but the instances that held leases when it went away may still be working under them
+# (each stops at most a TTL after its last confirmed renewal, see Lease.lost); a lease given
+# out at once would put two instances on one chat, sending its messages twice. KEYS[2] notes
+# since when (Redis's clock, ms) this data set exists: missing, the data set began when this
+# Redis process started (or earlier, when it kept its data on disk, and then the key is
+# there). Redis's uptime is whole seconds, rounded down: the wait errs on the long side.
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local since = tonumber(redis.call('GET', KEYS[2]) or '')
+if not since then
+  local uptime = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')
+  since = now - tonumber(uptime) * 1000
+  redis.call('SET', KEYS[2], since)
+end
+if now - since < tonumber(ARGV[2]) then
+  return since - now
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
 # Renew only a lease still ours (another instance may hold it once ours expired).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -104,10 +145,17 @@ class ClusterUnavailable(ConnectionError):
 
 @dataclass
 class Lease:
-    """A lease this process holds. `lost` turns True when it could not be renewed: the work
-    in hand finishes, nothing new is started under it."""
+    """A lease this process holds. `lost` turns True when Redis says it is no longer ours, or
+    when its TTL is about to run out since the last renewal Redis confirmed (Redis away or
+    slow: the renewal's own failure may come later than that, after a connection timeout):
+    the work in hand finishes, nothing new is started under it."""
 
-    lost: bool = False
+    stop_at: float = math.inf  # time.monotonic(): LEASE_MARGIN before it expires unrenewed
+    taken_away: bool = False
+
+    @property
+    def lost(self) -> bool:
+        return self.taken_away or time.monotonic() >= self.stop_at
 
 
 _HELD = Lease()  # what one instance always holds
@@ -146,8 +194,10 @@ class RedisCluster(Solo):
         self._ttl_ms = int(lease_ttl_s * 1000)
         # A lease's value names its holder, so an operator (or a test) can see who has what.
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self._take = redis.register_script(_TAKE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._quiet_logged_until = 0.0
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> RedisCluster:
@@ -164,10 +214,11 @@ class RedisCluster(Solo):
         trying for up to `wait` seconds) or Redis is down. On exit the lease is released, or
         with `keep_for_s` kept that long (so nobody takes it again at once)."""
         key, token = self.key("lease", name), f"{self.instance}:{secrets.token_hex(6)}"
-        if not await self._acquire(key, token, wait):
+        stop_at = await self._acquire(key, token, wait)
+        if stop_at is None:
             yield None
             return
-        lease, done = Lease(), asyncio.Event()
+        lease, done = Lease(stop_at=stop_at), asyncio.Event()
         # Stopped by an event, never cancelled: see `command`.
         renewer = asyncio.create_task(self._keep(name, key, token, lease, done))
         try:
@@ -190,18 +241,26 @@ class RedisCluster(Solo):
         async with self.lease(f"job:{job}", keep_for_s=0.9 * every_s) as lease:
             yield lease is not None
 
-    async def _acquire(self, key: str, token: str, wait: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+    async def _acquire(self, key: str, token: str, wait: float) -> float | None:
+        """When work under the lease must stop unless it is renewed (Lease.stop_at) once it
+        is taken; None if it was not within `wait`."""
+        deadline = time.monotonic() + wait
         while True:
+            asked = time.monotonic()  # the TTL runs from Redis's answer: counted from before
             try:
-                if await command(self.redis.set(key, token, nx=True, px=self._ttl_ms)):
-                    return True
+                taken = await command(
+                    self._take(keys=[key, self.key("data-since")], args=[token, self._ttl_ms])
+                )
             except (RedisError, OSError) as exc:
                 log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
-                return False
-            if loop.time() >= deadline:
-                return False
+                return None
+            if taken == 1:
+                return self._stop_at(asked)
+            if taken < 0 and asked >= self._quiet_logged_until:  # once per wait
+                self._quiet_logged_until = asked + self._ttl_ms / 1000 + taken / 1000
+                log.warning("Redis lost its data %.1f s ago: no lease taken yet", -taken / 1000)
+            if time.monotonic() >= deadline:
+                return None
             await asyncio.sleep(LEASE_POLL_S)
 
     async def _keep(
@@ -214,14 +273,20 @@ class RedisCluster(Solo):
                 await asyncio.wait_for(done.wait(), self._ttl_ms / 3000)
             if done.is_set():
                 return
+            asked = time.monotonic()
             try:
                 renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
             except (RedisError, OSError):
                 renewed = 0
-            if not renewed:
-                lease.lost = True
+            if not renewed or lease.lost:  # a renewal that came too late changes nothing
+                lease.taken_away = True
                 log.warning("lease lost lease=%s", name)
                 return
+            lease.stop_at = self._stop_at(asked)
+
+    def _stop_at(self, asked: float) -> float:
+        """A lease Redis set or renewed for a TTL in answer to a call made at `asked`."""
+        return asked + (1 - LEASE_MARGIN) * self._ttl_ms / 1000
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -12,10 +12,14 @@ and say why; with REQUIRE_SERVICES=1 they fail instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
 import secrets
+import shutil
+import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Collection
@@ -28,6 +32,7 @@ import pytest
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from adapters.cluster import RedisCluster, SharedRateLimiter, connect
 from adapters.telegram import (
@@ -87,6 +92,51 @@ async def namespace() -> AsyncIterator[str]:
         await redis.aclose()
 
 
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, without persistence: killing it
+    (SIGKILL) and starting it again on the same port is Redis lost with all its state (the
+    shared Redis on 6379 is never touched)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = workdir / "redis.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while not _reachable("127.0.0.1", self.port):
+            assert self.proc.poll() is None, self.log_path.read_text()
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # were it stopped
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> PrivateRedis:
+        if shutil.which("redis-server") is None:
+            if services_required():
+                pytest.fail("redis-server is not installed and REQUIRE_SERVICES=1")
+            pytest.skip("redis-server is not installed")
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
 # -- the primitives, in process
 
 
@@ -129,6 +179,38 @@ async def test_a_lease_has_one_holder_and_a_dead_holders_lease_expires(namespace
     finally:
         await a.close()
         await b.close()
+
+
+async def test_leases_after_redis_lost_its_data_or_stopped_answering(tmp_path: Path) -> None:
+    """A holder cut off from Redis (Redis frozen: its renewal hangs until the connection's
+    timeout, longer than the TTL) stops working under its lease before the TTL runs out.
+    Redis started again empty (every lease gone): nobody is given a lease for a TTL, the
+    time a holder of a lease lost with Redis may still be working under it."""
+    with PrivateRedis(tmp_path) as redis:
+        a = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=1.0)
+        b = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=1.0)
+        assert redis.proc is not None
+        try:
+            # Redis has just started: its data may be a lost one's successor, so at first
+            # no lease, then one.
+            async with b.lease("inbox:1", wait=0.0) as other:
+                assert other is None
+            async with a.lease("inbox:1", wait=3.0) as held:
+                assert held is not None and not held.lost
+                redis.proc.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(0.9)  # past the last fifth of the TTL, not renewed
+                assert held.lost
+                redis.kill()
+                redis.start()  # empty
+                started = time.monotonic()
+                with contextlib.suppress(RedisError):  # its connection died with Redis
+                    await b.redis.ping()
+                async with b.lease("inbox:1", wait=3.0) as other:
+                    assert other is not None
+                    assert time.monotonic() - started > 0.8  # a TTL after the restart
+        finally:
+            await a.close()
+            await b.close()
 
 
 async def test_a_job_runs_on_one_instance_per_period(namespace: str) -> None:
@@ -858,4 +940,90 @@ async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) ->
                 f"\ncluster e2e: {kept.summary(watch, logs)}; the victim died handling "
                 f"{len(held)} chat(s) and sending to {len(sending)}, {len(kept.resent)} "
                 "message(s) re-sent after the kill"
+            )
+
+
+async def readiness(bot: BotProcess) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http,
+        http.get(address(bot) + "/readyz") as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(600)
+async def test_three_instances_ride_out_redis_lost_and_back_empty(tmp_path: Path) -> None:
+    """CLUSTER_PATIENTS_REDIS (9) patients walk the checklist through three instances
+    behind the balancer; in the middle of the walk, with updates in handlers and messages
+    in flight (Telegram slow to answer), Redis is killed for OUTAGE_S and started again
+    empty: every lease, job turn and rate-limit window gone. Meanwhile each instance's
+    /readyz says Redis failed. Afterwards the same as after an instance's kill, without
+    its excuses: every update handled once and done, each chat's answers once and in order,
+    every case complete and alerted once, no message sent twice, the limits kept."""
+    outage_s = 4.0
+    patients_n = int(os.environ.get("CLUSTER_PATIENTS_REDIS", "9"))
+    with PrivateRedis(tmp_path) as redis, fresh_postgres_database() as database_url:
+        async with BotApiEmulator(token=new_token()) as emu, Balancer() as balancer:
+            emu.user(COORDINATOR, first_name="Coordinator")
+            data_dir = tmp_path / "data"
+            watch = StallWatch().start()
+            await asyncio.to_thread(prepare, Settings(data_dir=data_dir, database_url=database_url))
+            bots = [
+                instance(
+                    emu,
+                    tmp_path / name,
+                    data_dir=data_dir,
+                    database_url=database_url,
+                    balancer=balancer,
+                    redis_url=redis.url,
+                )
+                for name in ("a", "b", "c")
+            ]
+            balancer.backends = [address(bot) for bot in bots]
+            try:
+                await start_all(emu, bots)
+                patients = [
+                    LoadPatient(emu, emu.user(30_000 + i, first_name=f"P{i}"))
+                    for i in range(patients_n)
+                ]
+                walking = asyncio.gather(
+                    *(p.run(i * 3.0 / patients_n, timeout=300) for i, p in enumerate(patients))
+                )
+                total = patients_n * len(WALK)
+
+                def steps() -> int:
+                    return sum(p.done for p in patients)
+
+                await until(lambda: steps() >= 0.35 * total, steps)
+                # Telegram slow to answer across the outage: updates are inside handlers
+                # (answering a button) and messages in flight when Redis goes, and still
+                # there when it comes back.
+                emu.faults.delay("answerCallbackQuery", outage_s + 1)
+                emu.faults.delay("sendMessage", outage_s + 1)
+                await asyncio.sleep(0.5)
+                sending = await held_leases(emu.token, None, "outbox", redis.url)
+                redis.kill()
+                await asyncio.sleep(1.0)
+                for bot in bots:
+                    status, body = await readiness(bot)
+                    assert status == 503 and "redis" in body["failed"], (status, body)
+                await asyncio.sleep(outage_s - 1.0)
+                redis.start()  # empty
+                emu.faults.delay("answerCallbackQuery", 0)
+                emu.faults.delay("sendMessage", 0)
+                await until(walking.done, steps)
+                await walking
+                await quiet(database_url, emu)
+                await asyncio.sleep(1.0)  # room for a wrong late message to show up
+                assert [(await readiness(bot))[0] for bot in bots] == [200] * len(bots)
+            finally:
+                codes = [bot.stop() for bot in bots]
+                watch.stop()
+            logs = [bot.log() for bot in bots]
+            kept = await check_the_run(database_url, emu, patients, logs, codes, watch)
+            assert sending  # messages were in flight when Redis went: the check means something
+            print(
+                f"\nredis lost and back: {kept.summary(watch, logs)}; {len(sending)} chat(s) "
+                "being sent to when Redis went"
             )
