@@ -65,7 +65,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LEASE_TTL_S = 10.0  # how long a dead instance's chats wait before another takes them
-LEASE_POLL_S = 0.05  # how often a waiting lease is tried again
+# A waiting lease is tried again when its holder's release is announced (pub/sub), else
+# after LEASE_POLL_S, then twice as long each time up to LEASE_POLL_MAX_S, and once more when
+# the wait ends. The polls only catch a release whose announcement was missed (the listener
+# reconnecting) and a lease freed by its TTL (its holder died, and the scans try its chat
+# again every second anyway): polled every 0.05 s, two instances contending for chats ran
+# five times the Redis commands of one.
+LEASE_POLL_S, LEASE_POLL_MAX_S = 0.5, 2.0
 # Nothing new is started under a lease in the last fifth of its TTL (2 s): what was started
 # before has that long to finish (an update's handling or a send takes milliseconds). Renewed
 # every third of the TTL, a lease never gets that close to its expiry while Redis answers.
@@ -77,25 +83,27 @@ LATE_S, LATE_TRIES = 0.2, 3
 REDIS_CONNECTIONS = 64  # per instance; a busy instance waits for a free one, never fails
 
 # Take a lease (KEYS[1]) for ARGV[1] with a TTL of ARGV[2] ms, unless Redis lost its data
-# less than a TTL ago. Returns 1 taken, 0 held by another, or minus how long ago (ms) the data
-# was lost. Why the wait: a restart without persistence empties Redis, every lease with it,
-# but the instances that held leases when it went away may still be working under them
-# (each stops at most a TTL after its last confirmed renewal, see Lease.lost); a lease given
-# out at once would put two instances on one chat, sending its messages twice. KEYS[2] notes
-# since when (Redis's clock, ms) this data set exists: missing, the data set began when this
-# Redis process started (or earlier, when it kept its data on disk, and then the key is
-# there). Redis's uptime is whole seconds, rounded down: the wait errs on the long side.
+# less than a TTL ago. Returns 1 taken, 0 held by another, or minus how long (ms) leases still
+# wait. Why the wait: a restart without persistence empties Redis, every lease with it, but
+# the instances that held leases when it went away may still be working under them (each
+# stops at most a TTL after its last confirmed renewal, see Lease.lost); a lease given out at
+# once would put two instances on one chat, sending its messages twice. KEYS[2] marks the data
+# set: missing, it began when this Redis process started (had Redis kept its data on disk,
+# the mark would be there), so leases wait until a TTL after that; KEYS[3] exists while they
+# wait. Redis's uptime is whole seconds, rounded down: the wait errs on the long side. The
+# marks are read in one call: a lease taken costs three commands (this script, MGET, SET).
 _TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local since = tonumber(redis.call('GET', KEYS[2]) or '')
-if not since then
+local marks = redis.call('MGET', KEYS[2], KEYS[3])
+if not marks[1] then
   local uptime = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')
-  since = now - tonumber(uptime) * 1000
-  redis.call('SET', KEYS[2], since)
-end
-if now - since < tonumber(ARGV[2]) then
-  return since - now
+  redis.call('SET', KEYS[2], '1')
+  local left = tonumber(ARGV[2]) - tonumber(uptime) * 1000
+  if left > 0 then
+    redis.call('SET', KEYS[3], '1', 'PX', left)
+    return -left
+  end
+elseif marks[2] then
+  return math.min(-1, -redis.call('PTTL', KEYS[3]))
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return 1
@@ -109,9 +117,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Release a lease still ours and announce it (KEYS[2] the channel, ARGV[2] the lease's name)
+# to the instances waiting for it.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
 end
 return 0
 """
@@ -198,6 +210,11 @@ class RedisCluster(Solo):
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._quiet_logged_until = 0.0
+        # The leases this instance waits for: name -> an event per waiting call, set when the
+        # lease's release is announced (see _listen, started by the first wait).
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> RedisCluster:
@@ -214,7 +231,7 @@ class RedisCluster(Solo):
         trying for up to `wait` seconds) or Redis is down. On exit the lease is released, or
         with `keep_for_s` kept that long (so nobody takes it again at once)."""
         key, token = self.key("lease", name), f"{self.instance}:{secrets.token_hex(6)}"
-        stop_at = await self._acquire(key, token, wait)
+        stop_at = await self._acquire(name, key, token, wait)
         if stop_at is None:
             yield None
             return
@@ -229,7 +246,8 @@ class RedisCluster(Solo):
             # If Redis does not answer, the TTL frees the lease anyway.
             with contextlib.suppress(RedisError, OSError):
                 if keep_for_s is None:
-                    await command(self._release(keys=[key], args=[token]))
+                    released = self.key("released")
+                    await command(self._release(keys=[key, released], args=[token, name]))
                 else:
                     await command(self._renew(keys=[key], args=[token, int(keep_for_s * 1000)]))
 
@@ -241,27 +259,70 @@ class RedisCluster(Solo):
         async with self.lease(f"job:{job}", keep_for_s=0.9 * every_s) as lease:
             yield lease is not None
 
-    async def _acquire(self, key: str, token: str, wait: float) -> float | None:
+    async def _acquire(self, name: str, key: str, token: str, wait: float) -> float | None:
         """When work under the lease must stop unless it is renewed (Lease.stop_at) once it
         is taken; None if it was not within `wait`."""
         deadline = time.monotonic() + wait
-        while True:
-            asked = time.monotonic()  # the TTL runs from Redis's answer: counted from before
+        keys = [key, self.key("data", "since"), self.key("data", "young")]
+        # Listening before the first try: a release between that try and the wait still wakes.
+        released = asyncio.Event()
+        waiting = self._waiters.setdefault(name, set())
+        waiting.add(released)
+        poll = LEASE_POLL_S
+        try:
+            while True:
+                released.clear()
+                asked = time.monotonic()  # the TTL runs from Redis's answer: from before it
+                try:
+                    taken = await command(self._take(keys=keys, args=[token, self._ttl_ms]))
+                except (RedisError, OSError) as exc:
+                    log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
+                    return None
+                if taken == 1:
+                    return self._stop_at(asked)
+                if taken < 0 and asked >= self._quiet_logged_until:  # once per wait
+                    self._quiet_logged_until = asked - taken / 1000
+                    log.warning("Redis lost its data: no lease for %.1f s", -taken / 1000)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._listen_for_releases()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), min(left, poll))
+                poll = min(2 * poll, LEASE_POLL_MAX_S)
+        finally:
+            waiting.discard(released)
+            if not waiting:
+                del self._waiters[name]
+
+    def _listen_for_releases(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="lease-releases")
+
+    async def _listen(self) -> None:
+        """Wake this instance's waiters for a lease when its release is announced. One
+        connection per instance; a wait on Redis itself (BLPOP) would hold a connection per
+        waiting chat, and hundreds of them would drain the pool the renewals need."""
+        failing = False
+        while not self._closing:
             try:
-                taken = await command(
-                    self._take(keys=[key, self.key("data-since")], args=[token, self._ttl_ms])
-                )
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.key("released"))
+                    failing = False
+                    while not self._closing:  # a timeout, to see `_closing` (see `close`)
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            for event in self._waiters.get(message["data"].decode(), ()):
+                                event.set()
             except (RedisError, OSError) as exc:
-                log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
-                return None
-            if taken == 1:
-                return self._stop_at(asked)
-            if taken < 0 and asked >= self._quiet_logged_until:  # once per wait
-                self._quiet_logged_until = asked + self._ttl_ms / 1000 + taken / 1000
-                log.warning("Redis lost its data %.1f s ago: no lease taken yet", -taken / 1000)
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(LEASE_POLL_S)
+                if not failing:  # the waits poll meanwhile; said once per outage
+                    log.warning(
+                        "lease releases unheard: Redis unavailable (%s)", type(exc).__name__
+                    )
+                failing = True
+                await asyncio.sleep(1.0)
 
     async def _keep(
         self, name: str, key: str, token: str, lease: Lease, done: asyncio.Event
@@ -289,6 +350,14 @@ class RedisCluster(Solo):
         return asked + (1 - LEASE_MARGIN) * self._ttl_ms / 1000
 
     async def close(self) -> None:
+        self._closing = True
+        if self._listener is not None:
+            # It sees `_closing` within a second; cancelled only if it does not (redis-py may
+            # drop a cancellation that comes while it reads, see `command`).
+            await asyncio.wait([self._listener], timeout=2.0)
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._listener
         await self.redis.aclose()
 
 

@@ -161,7 +161,8 @@ async def test_a_lease_has_one_holder_and_a_dead_holders_lease_expires(namespace
         started = time.monotonic()
         async with b.lease("inbox:2", wait=3.0) as taken:
             assert taken is not None
-            assert 0.3 < time.monotonic() - started < 1.5
+            # At the next try after it expired (nobody announces a release): tries back off.
+            assert 0.3 < time.monotonic() - started < 2.5
 
         # A holder frozen past its TTL: another took the chat; the late one learns it lost
         # the lease at its next renewal, and its release leaves the new holder's lease alone.
@@ -187,30 +188,70 @@ async def test_leases_after_redis_lost_its_data_or_stopped_answering(tmp_path: P
     Redis started again empty (every lease gone): nobody is given a lease for a TTL, the
     time a holder of a lease lost with Redis may still be working under it."""
     with PrivateRedis(tmp_path) as redis:
-        a = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=1.0)
-        b = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=1.0)
+        # A TTL long enough for the first check to come within it on a busy machine.
+        a = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=3.0)
+        b = RedisCluster(connect(redis.url), "cc-test:lost", lease_ttl_s=3.0)
         assert redis.proc is not None
         try:
             # Redis has just started: its data may be a lost one's successor, so at first
             # no lease, then one.
             async with b.lease("inbox:1", wait=0.0) as other:
                 assert other is None
-            async with a.lease("inbox:1", wait=3.0) as held:
+            async with a.lease("inbox:1", wait=5.0) as held:
                 assert held is not None and not held.lost
                 redis.proc.send_signal(signal.SIGSTOP)
-                await asyncio.sleep(0.9)  # past the last fifth of the TTL, not renewed
+                # Renewed a third of the TTL ago at most: now in the last fifth of its TTL,
+                # the renewal hanging until the connection's timeout (5 s).
+                await asyncio.sleep(2.5)
                 assert held.lost
                 redis.kill()
                 redis.start()  # empty
                 started = time.monotonic()
                 with contextlib.suppress(RedisError):  # its connection died with Redis
                     await b.redis.ping()
-                async with b.lease("inbox:1", wait=3.0) as other:
+                async with b.lease("inbox:1", wait=5.0) as other:
                     assert other is not None
-                    assert time.monotonic() - started > 0.8  # a TTL after the restart
+                    assert time.monotonic() - started > 2.4  # a TTL after the restart
         finally:
             await a.close()
             await b.close()
+
+
+async def test_a_waiter_takes_a_released_lease_at_once_without_polling(tmp_path: Path) -> None:
+    """A chat's lease wanted by another instance: the waiter is woken by the release's
+    announcement and takes the lease at once, having tried a few times meanwhile (backing
+    off), not every LEASE_POLL_S."""
+    with PrivateRedis(tmp_path) as redis:  # its own: the tries are counted on the server
+        a = RedisCluster(connect(redis.url), "cc-test:wait", lease_ttl_s=1.0)
+        b = RedisCluster(connect(redis.url), "cc-test:wait", lease_ttl_s=1.0)
+        try:
+            async with a.lease("inbox:1", wait=3.0) as held:  # after Redis's first TTL
+                assert held is not None
+                tries_before = await takes(b)
+                waiting = asyncio.create_task(wait_for_lease(b, "inbox:1"))
+                # Just after the third try (at 1.5 s), long before the fourth (3.5 s): polls
+                # alone would take it some 1.9 s late.
+                await asyncio.sleep(1.6)
+                assert not waiting.done()
+                released_at = time.monotonic()
+            taken_at = await waiting
+            assert taken_at - released_at < 0.3
+            assert await takes(b) - tries_before <= 5  # polled every 0.05 s: 32
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def wait_for_lease(cluster: RedisCluster, name: str) -> float:
+    async with cluster.lease(name, wait=5.0) as lease:
+        assert lease is not None
+        return time.monotonic()
+
+
+async def takes(cluster: RedisCluster) -> int:
+    """The leases tried on the cluster's Redis: each try is a SET NX (in a script or not)."""
+    stats = await cluster.redis.info("commandstats")
+    return int(stats.get("cmdstat_set", {}).get("calls", 0))
 
 
 async def test_a_job_runs_on_one_instance_per_period(namespace: str) -> None:
