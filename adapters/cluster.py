@@ -5,7 +5,8 @@ no-op (no I/O, no task, no wait).
 
 - Leases. An instance drains a chat's inbox lane (`inbox:<chat>`) or outbox lane
   (`outbox:<chat>`) only while it holds that chat's lease: a Redis key set with NX and a TTL
-  (LEASE_TTL_S), renewed while the work goes on, released with a compare-and-delete. So a
+  (LEASE_TTL_S), renewed while the work goes on, released with a compare-and-delete that
+  announces the release (pub/sub), which wakes the instances waiting for it. So a
   chat's updates are handled one at a time and in order, and its messages sent in order,
   whichever instance received them. An instance killed mid-update stops renewing: its
   leases expire and another instance's periodic scan of the inbox and outbox takes over
@@ -66,11 +67,12 @@ T = TypeVar("T")
 
 LEASE_TTL_S = 10.0  # how long a dead instance's chats wait before another takes them
 # A waiting lease is tried again when its holder's release is announced (pub/sub), else
-# after LEASE_POLL_S, then twice as long each time up to LEASE_POLL_MAX_S, and once more when
-# the wait ends. The polls only catch a release whose announcement was missed (the listener
-# reconnecting) and a lease freed by its TTL (its holder died, and the scans try its chat
-# again every second anyway): polled every 0.05 s, two instances contending for chats ran
-# five times the Redis commands of one.
+# after LEASE_POLL_S, then twice as long each time up to LEASE_POLL_MAX_S. A lease found held
+# by another instance is not tried again, by any wait of this instance (the scans start one
+# per chat with work every second), until its release is heard or LEASE_POLL_MAX_S passed.
+# The polls only catch a release whose announcement was missed (the listener reconnecting)
+# and a lease freed by its TTL (its holder died). Polled every 0.05 s by every wait, two
+# instances contending for chats ran five to six times the Redis commands of one.
 LEASE_POLL_S, LEASE_POLL_MAX_S = 0.5, 2.0
 # Nothing new is started under a lease in the last fifth of its TTL (2 s): what was started
 # before has that long to finish (an update's handling or a send takes milliseconds). Renewed
@@ -215,6 +217,10 @@ class RedisCluster(Solo):
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._closing = False
+        # Leases found held by another instance, with when to try them again anyway; trusted
+        # only while the listener hears the releases (`_hearing`).
+        self._elsewhere: dict[str, float] = {}
+        self._hearing = False
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> RedisCluster:
@@ -273,23 +279,31 @@ class RedisCluster(Solo):
             while True:
                 released.clear()
                 asked = time.monotonic()  # the TTL runs from Redis's answer: from before it
-                try:
-                    taken = await command(self._take(keys=keys, args=[token, self._ttl_ms]))
-                except (RedisError, OSError) as exc:
-                    log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
-                    return None
-                if taken == 1:
-                    return self._stop_at(asked)
-                if taken < 0 and asked >= self._quiet_logged_until:  # once per wait
-                    self._quiet_logged_until = asked - taken / 1000
-                    log.warning("Redis lost its data: no lease for %.1f s", -taken / 1000)
-                left = deadline - time.monotonic()
-                if left <= 0:
+                # Held elsewhere, and no release heard since: wait for one (a call that may
+                # not wait asks Redis, the release may be on its way).
+                if not (wait > 0 and self._hearing and self._elsewhere.get(name, 0.0) > asked):
+                    try:
+                        taken = await command(self._take(keys=keys, args=[token, self._ttl_ms]))
+                    except (RedisError, OSError) as exc:
+                        log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
+                        return None
+                    if taken == 1:
+                        return self._stop_at(asked)
+                    if taken == 0:
+                        self._elsewhere[name] = asked + LEASE_POLL_MAX_S
+                    elif asked >= self._quiet_logged_until:  # once per wait
+                        self._quiet_logged_until = asked - taken / 1000
+                        log.warning("Redis lost its data: no lease for %.1f s", -taken / 1000)
+                now = time.monotonic()
+                if now >= deadline:
                     return None
                 self._listen_for_releases()
+                trusted = self._elsewhere.get(name, 0.0) - now if self._hearing else 0.0
+                pause = trusted if trusted > 0 else poll  # until the next try
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(released.wait(), min(left, poll))
-                poll = min(2 * poll, LEASE_POLL_MAX_S)
+                    await asyncio.wait_for(released.wait(), min(deadline - now, pause))
+                if trusted <= 0:
+                    poll = min(2 * poll, LEASE_POLL_MAX_S)
         finally:
             waiting.discard(released)
             if not waiting:
@@ -308,15 +322,23 @@ class RedisCluster(Solo):
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.key("released"))
-                    failing = False
+                    failing, self._hearing, forget_at = False, True, 0.0
                     while not self._closing:  # a timeout, to see `_closing` (see `close`)
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=1.0
                         )
                         if message is not None:
-                            for event in self._waiters.get(message["data"].decode(), ()):
+                            name = message["data"].decode()
+                            self._elsewhere.pop(name, None)
+                            for event in self._waiters.get(name, ()):
                                 event.set()
+                        now = time.monotonic()
+                        if now >= forget_at:  # chats no wait asked about again
+                            self._elsewhere = {n: t for n, t in self._elsewhere.items() if t > now}
+                            forget_at = now + LEASE_POLL_MAX_S
             except (RedisError, OSError) as exc:
+                self._hearing = False  # releases missed meanwhile: try every lease again
+                self._elsewhere.clear()
                 if not failing:  # the waits poll meanwhile; said once per outage
                     log.warning(
                         "lease releases unheard: Redis unavailable (%s)", type(exc).__name__
