@@ -5,7 +5,8 @@ no-op (no I/O, no task, no wait).
 
 - Leases. An instance drains a chat's inbox lane (`inbox:<chat>`) or outbox lane
   (`outbox:<chat>`) only while it holds that chat's lease: a Redis key set with NX and a TTL
-  (LEASE_TTL_S), renewed while the work goes on, released with a compare-and-delete. So a
+  (LEASE_TTL_S), renewed while the work goes on, released with a compare-and-delete that
+  announces the release (pub/sub), which wakes the instances waiting for it. So a
   chat's updates are handled one at a time and in order, and its messages sent in order,
   whichever instance received them. An instance killed mid-update stops renewing: its
   leases expire and another instance's periodic scan of the inbox and outbox takes over
@@ -33,6 +34,15 @@ handling the same update at the very same moment the second waits for the first 
 then finds it done and changes nothing. A chat's messages have no such guard: a sender
 frozen past its lease's TTL may send a message the new holder sends too (alerts excepted:
 they are marked "sending" before their request and never sent again).
+
+Redis going away is an outage: no lease is taken (lanes wait for the next scan), no message
+sent (the rate limiter cannot reserve a slot), /readyz fails. A holder that cannot renew
+stops starting work under its lease in the last fifth of its TTL (`Lease.lost`), even while
+its renewal still hangs. Redis back without its data (a restart without persistence: every
+lease gone at once, not a TTL after its holder's last renewal): no lease is given out until
+a TTL after the data set began (`_TAKE`), so the holders of the lost leases have stopped,
+their sends in flight landed and marked, before anyone takes their chats over. That wait
+also outlasts a chat's rate-limit window (3.3 s), lost with the rest.
 """
 
 from __future__ import annotations
@@ -40,9 +50,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -54,13 +66,52 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LEASE_TTL_S = 10.0  # how long a dead instance's chats wait before another takes them
-LEASE_POLL_S = 0.05  # how often a waiting lease is tried again
+# A waiting lease is tried again when its holder's release is announced (pub/sub), else
+# after LEASE_POLL_S, then twice as long each time up to LEASE_POLL_MAX_S. A lease found held
+# by another instance is not tried again, by any wait of this instance (the scans start one
+# per chat with work every second), until its release is heard or LEASE_POLL_MAX_S passed.
+# The polls only catch a release whose announcement was missed (the listener reconnecting)
+# and a lease freed by its TTL (its holder died). Polled every 0.05 s by every wait, two
+# instances contending for chats ran five to six times the Redis commands of one.
+LEASE_POLL_S, LEASE_POLL_MAX_S = 0.5, 2.0
+# Nothing new is started under a lease in the last fifth of its TTL (2 s): what was started
+# before has that long to finish (an update's handling or a send takes milliseconds). Renewed
+# every third of the TTL, a lease never gets that close to its expiry while Redis answers.
+LEASE_MARGIN = 0.2
 REDIS_TIMEOUT_S = 5.0  # a Redis call slower than this counts as Redis being down
 # A send woken more than this after its slot takes a new one: with slots every 1/20 s, no
 # second then holds more than 20 x (1 + LATE_S) sends, under Telegram's 30 (we promise 25).
 LATE_S, LATE_TRIES = 0.2, 3
 REDIS_CONNECTIONS = 64  # per instance; a busy instance waits for a free one, never fails
 
+# Take a lease (KEYS[1]) for ARGV[1] with a TTL of ARGV[2] ms, unless Redis lost its data
+# less than a TTL ago. Returns 1 taken, 0 held by another, or minus how long (ms) leases still
+# wait. Why the wait: a restart without persistence empties Redis, every lease with it, but
+# the instances that held leases when it went away may still be working under them (each
+# stops at most a TTL after its last confirmed renewal, see Lease.lost); a lease given out at
+# once would put two instances on one chat, sending its messages twice. KEYS[2] marks the data
+# set: missing, it began when this Redis process started (had Redis kept its data on disk,
+# the mark would be there), so leases wait until a TTL after that; KEYS[3] exists while they
+# wait. Redis's uptime is whole seconds, rounded down: the wait errs on the long side. The
+# marks are read in one call: a lease taken costs three commands (this script, MGET, SET).
+_TAKE = """
+local marks = redis.call('MGET', KEYS[2], KEYS[3])
+if not marks[1] then
+  local uptime = string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')
+  redis.call('SET', KEYS[2], '1')
+  local left = tonumber(ARGV[2]) - tonumber(uptime) * 1000
+  if left > 0 then
+    redis.call('SET', KEYS[3], '1', 'PX', left)
+    return -left
+  end
+elseif marks[2] then
+  return math.min(-1, -redis.call('PTTL', KEYS[3]))
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"""
 # Renew only a lease still ours (another instance may hold it once ours expired).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -68,9 +119,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Release a lease still ours and announce it (KEYS[2] the channel, ARGV[2] the lease's name)
+# to the instances waiting for it.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
 end
 return 0
 """
@@ -104,10 +159,17 @@ class ClusterUnavailable(ConnectionError):
 
 @dataclass
 class Lease:
-    """A lease this process holds. `lost` turns True when it could not be renewed: the work
-    in hand finishes, nothing new is started under it."""
+    """A lease this process holds. `lost` turns True when Redis says it is no longer ours, or
+    when its TTL is about to run out since the last renewal Redis confirmed (Redis away or
+    slow: the renewal's own failure may come later than that, after a connection timeout):
+    the work in hand finishes, nothing new is started under it."""
 
-    lost: bool = False
+    stop_at: float = math.inf  # time.monotonic(): LEASE_MARGIN before it expires unrenewed
+    taken_away: bool = False
+
+    @property
+    def lost(self) -> bool:
+        return self.taken_away or time.monotonic() >= self.stop_at
 
 
 _HELD = Lease()  # what one instance always holds
@@ -146,8 +208,19 @@ class RedisCluster(Solo):
         self._ttl_ms = int(lease_ttl_s * 1000)
         # A lease's value names its holder, so an operator (or a test) can see who has what.
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self._take = redis.register_script(_TAKE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._quiet_logged_until = 0.0
+        # The leases this instance waits for: name -> an event per waiting call, set when the
+        # lease's release is announced (see _listen, started by the first wait).
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._closing = False
+        # Leases found held by another instance, with when to try them again anyway; trusted
+        # only while the listener hears the releases (`_hearing`).
+        self._elsewhere: dict[str, float] = {}
+        self._hearing = False
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> RedisCluster:
@@ -164,10 +237,11 @@ class RedisCluster(Solo):
         trying for up to `wait` seconds) or Redis is down. On exit the lease is released, or
         with `keep_for_s` kept that long (so nobody takes it again at once)."""
         key, token = self.key("lease", name), f"{self.instance}:{secrets.token_hex(6)}"
-        if not await self._acquire(key, token, wait):
+        stop_at = await self._acquire(name, key, token, wait)
+        if stop_at is None:
             yield None
             return
-        lease, done = Lease(), asyncio.Event()
+        lease, done = Lease(stop_at=stop_at), asyncio.Event()
         # Stopped by an event, never cancelled: see `command`.
         renewer = asyncio.create_task(self._keep(name, key, token, lease, done))
         try:
@@ -178,7 +252,8 @@ class RedisCluster(Solo):
             # If Redis does not answer, the TTL frees the lease anyway.
             with contextlib.suppress(RedisError, OSError):
                 if keep_for_s is None:
-                    await command(self._release(keys=[key], args=[token]))
+                    released = self.key("released")
+                    await command(self._release(keys=[key, released], args=[token, name]))
                 else:
                     await command(self._renew(keys=[key], args=[token, int(keep_for_s * 1000)]))
 
@@ -190,19 +265,86 @@ class RedisCluster(Solo):
         async with self.lease(f"job:{job}", keep_for_s=0.9 * every_s) as lease:
             yield lease is not None
 
-    async def _acquire(self, key: str, token: str, wait: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
+    async def _acquire(self, name: str, key: str, token: str, wait: float) -> float | None:
+        """When work under the lease must stop unless it is renewed (Lease.stop_at) once it
+        is taken; None if it was not within `wait`."""
+        deadline = time.monotonic() + wait
+        keys = [key, self.key("data", "since"), self.key("data", "young")]
+        # Listening before the first try: a release between that try and the wait still wakes.
+        released = asyncio.Event()
+        waiting = self._waiters.setdefault(name, set())
+        waiting.add(released)
+        poll = LEASE_POLL_S
+        try:
+            while True:
+                released.clear()
+                asked = time.monotonic()  # the TTL runs from Redis's answer: from before it
+                # Held elsewhere, and no release heard since: wait for one (a call that may
+                # not wait asks Redis, the release may be on its way).
+                if not (wait > 0 and self._hearing and self._elsewhere.get(name, 0.0) > asked):
+                    try:
+                        taken = await command(self._take(keys=keys, args=[token, self._ttl_ms]))
+                    except (RedisError, OSError) as exc:
+                        log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
+                        return None
+                    if taken == 1:
+                        return self._stop_at(asked)
+                    if taken == 0:
+                        self._elsewhere[name] = asked + LEASE_POLL_MAX_S
+                    elif asked >= self._quiet_logged_until:  # once per wait
+                        self._quiet_logged_until = asked - taken / 1000
+                        log.warning("Redis lost its data: no lease for %.1f s", -taken / 1000)
+                now = time.monotonic()
+                if now >= deadline:
+                    return None
+                self._listen_for_releases()
+                trusted = self._elsewhere.get(name, 0.0) - now if self._hearing else 0.0
+                pause = trusted if trusted > 0 else poll  # until the next try
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), min(deadline - now, pause))
+                if trusted <= 0:
+                    poll = min(2 * poll, LEASE_POLL_MAX_S)
+        finally:
+            waiting.discard(released)
+            if not waiting:
+                del self._waiters[name]
+
+    def _listen_for_releases(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="lease-releases")
+
+    async def _listen(self) -> None:
+        """Wake this instance's waiters for a lease when its release is announced. One
+        connection per instance; a wait on Redis itself (BLPOP) would hold a connection per
+        waiting chat, and hundreds of them would drain the pool the renewals need."""
+        failing = False
+        while not self._closing:
             try:
-                if await command(self.redis.set(key, token, nx=True, px=self._ttl_ms)):
-                    return True
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.key("released"))
+                    failing, self._hearing, forget_at = False, True, 0.0
+                    while not self._closing:  # a timeout, to see `_closing` (see `close`)
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None:
+                            name = message["data"].decode()
+                            self._elsewhere.pop(name, None)
+                            for event in self._waiters.get(name, ()):
+                                event.set()
+                        now = time.monotonic()
+                        if now >= forget_at:  # chats no wait asked about again
+                            self._elsewhere = {n: t for n, t in self._elsewhere.items() if t > now}
+                            forget_at = now + LEASE_POLL_MAX_S
             except (RedisError, OSError) as exc:
-                log.warning("lease not taken: Redis unavailable (%s)", type(exc).__name__)
-                return False
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(LEASE_POLL_S)
+                self._hearing = False  # releases missed meanwhile: try every lease again
+                self._elsewhere.clear()
+                if not failing:  # the waits poll meanwhile; said once per outage
+                    log.warning(
+                        "lease releases unheard: Redis unavailable (%s)", type(exc).__name__
+                    )
+                failing = True
+                await asyncio.sleep(1.0)
 
     async def _keep(
         self, name: str, key: str, token: str, lease: Lease, done: asyncio.Event
@@ -214,16 +356,30 @@ class RedisCluster(Solo):
                 await asyncio.wait_for(done.wait(), self._ttl_ms / 3000)
             if done.is_set():
                 return
+            asked = time.monotonic()
             try:
                 renewed = await self._renew(keys=[key], args=[token, self._ttl_ms])
             except (RedisError, OSError):
                 renewed = 0
-            if not renewed:
-                lease.lost = True
+            if not renewed or lease.lost:  # a renewal that came too late changes nothing
+                lease.taken_away = True
                 log.warning("lease lost lease=%s", name)
                 return
+            lease.stop_at = self._stop_at(asked)
+
+    def _stop_at(self, asked: float) -> float:
+        """A lease Redis set or renewed for a TTL in answer to a call made at `asked`."""
+        return asked + (1 - LEASE_MARGIN) * self._ttl_ms / 1000
 
     async def close(self) -> None:
+        self._closing = True
+        if self._listener is not None:
+            # It sees `_closing` within a second; cancelled only if it does not (redis-py may
+            # drop a cancellation that comes while it reads, see `command`).
+            await asyncio.wait([self._listener], timeout=2.0)
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._listener
         await self.redis.aclose()
 
 

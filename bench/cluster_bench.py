@@ -21,7 +21,9 @@ pg x2 / pg x1 and pg x1 / sqlite x1:
 - handler ms p99 (the log's `update handled ... ms=`), the most messages in any second, and
   the messages sent faster than the limits (goal 0).
 
-Needs PostgreSQL at 127.0.0.1:5432 and Redis at 127.0.0.1:6379 (as the tests do).
+Needs PostgreSQL at 127.0.0.1:5432 (as the tests do) and `redis-server`: the bench runs a
+Redis of its own, so the commands it counts are its set-ups' alone (other users of a shared
+Redis would be counted too).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from tests.load import HANDLED_RE, WALK, LoadPatient  # noqa: E402
 from tests.services import fresh_postgres_database  # noqa: E402
 from tests.test_cluster import (  # noqa: E402
     LIMITED,
-    REDIS_URL,
     Balancer,
+    PrivateRedis,
     address,
     instance,
     new_token,
@@ -126,13 +128,13 @@ def _when(value: Any) -> Any:
     return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
-async def run_setup(name: str, args: argparse.Namespace) -> Result:
+async def run_setup(name: str, args: argparse.Namespace, redis_url: str) -> Result:
     backend, count = SETUPS[name]
     result = Result(name)
     workdir = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
     data_dir = workdir / "data"
     with database(backend, data_dir) as url:
-        commands_before = await redis_commands()
+        commands_before = await redis_commands(redis_url)
         async with BotApiEmulator(token=new_token()) as emu, Balancer() as balancer:
             await asyncio.to_thread(prepare, Settings(data_dir=data_dir, database_url=url))
             bots: list[BotProcess] = [
@@ -142,7 +144,7 @@ async def run_setup(name: str, args: argparse.Namespace) -> Result:
                     data_dir=data_dir,
                     database_url=url,
                     balancer=balancer,
-                    redis_url=REDIS_URL if backend == "postgres" else None,
+                    redis_url=redis_url if backend == "postgres" else None,
                     coordinator=None,
                 )
                 for i in range(count)
@@ -189,14 +191,14 @@ async def run_setup(name: str, args: argparse.Namespace) -> Result:
             result.peak_per_s = max_per_window([c.time for c in limited], 1.0)
             result.breaches = len(rate_breaches(limited))
         if backend == "postgres":
-            result.redis_commands = await redis_commands() - commands_before
+            result.redis_commands = await redis_commands(redis_url) - commands_before
     print(f"  {name}: done ({workdir})", flush=True)
     return result
 
 
-async def redis_commands() -> int:
-    """Commands the Redis server has run since it started (anyone's: run the bench alone)."""
-    redis = connect(REDIS_URL)
+async def redis_commands(redis_url: str) -> int:
+    """Commands the Redis server has run since it started (those a Lua script runs too)."""
+    redis = connect(redis_url)
     try:
         return int((await redis.info("stats"))["total_commands_processed"])
     finally:
@@ -235,9 +237,10 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
 
 async def main_async(args: argparse.Namespace) -> int:
     results = []
-    for name in args.setups:
-        print(f"running {name}...", flush=True)
-        results.append(await run_setup(name, args))
+    with PrivateRedis(Path(tempfile.mkdtemp(prefix="cluster-bench-redis-"))) as redis:
+        for name in args.setups:
+            print(f"running {name}...", flush=True)
+            results.append(await run_setup(name, args, redis.url))
     report(results, args)
     bad = any(r.breaches or r.stuck for r in results)
     return 1 if bad else 0
