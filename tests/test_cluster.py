@@ -22,7 +22,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -890,6 +890,25 @@ async def check_the_run(
     return Kept(updates, sends, limited, judged, peak, resent)
 
 
+def start_walking(
+    emu: BotApiEmulator, count: int, first_user: int, spread_s: float
+) -> tuple[list[LoadPatient], asyncio.Future[list[None]], Callable[[], int]]:
+    """`count` patients (users first_user, first_user + 1, ...) start walking the whole
+    checklist, their starts spread over `spread_s` seconds: the patients, their walk, and
+    how many steps they have done so far."""
+    patients = [
+        LoadPatient(emu, emu.user(first_user + i, first_name=f"P{i}")) for i in range(count)
+    ]
+    walking = asyncio.gather(
+        *(p.run(i * spread_s / count, timeout=300) for i, p in enumerate(patients))
+    )
+
+    def steps() -> int:
+        return sum(p.done for p in patients)
+
+    return patients, walking, steps
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
 async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) -> None:
@@ -924,19 +943,8 @@ async def test_two_instances_behind_a_balancer_survive_a_kill(tmp_path: Path) ->
             victim = bots[0]
             try:
                 await start_all(emu, bots)
-                patients = [
-                    LoadPatient(emu, emu.user(20_000 + i, first_name=f"P{i}"))
-                    for i in range(patients_n)
-                ]
-                walking = asyncio.gather(
-                    *(p.run(i * 4.5 / patients_n, timeout=300) for i, p in enumerate(patients))
-                )
-                total = patients_n * len(WALK)
-
-                def steps() -> int:
-                    return sum(p.done for p in patients)
-
-                await until(lambda: steps() >= 0.35 * total, steps)
+                patients, walking, steps = start_walking(emu, patients_n, 20_000, 4.5)
+                await until(lambda: steps() >= 0.35 * patients_n * len(WALK), steps)
                 # Mid-update: answering a button hangs at "Telegram", so the victim is
                 # inside handlers (their updates not yet done) when it is killed.
                 emu.faults.delay("answerCallbackQuery", 4.0)
@@ -1028,19 +1036,8 @@ async def test_three_instances_ride_out_redis_lost_and_back_empty(tmp_path: Path
             balancer.backends = [address(bot) for bot in bots]
             try:
                 await start_all(emu, bots)
-                patients = [
-                    LoadPatient(emu, emu.user(30_000 + i, first_name=f"P{i}"))
-                    for i in range(patients_n)
-                ]
-                walking = asyncio.gather(
-                    *(p.run(i * 3.0 / patients_n, timeout=300) for i, p in enumerate(patients))
-                )
-                total = patients_n * len(WALK)
-
-                def steps() -> int:
-                    return sum(p.done for p in patients)
-
-                await until(lambda: steps() >= 0.35 * total, steps)
+                patients, walking, steps = start_walking(emu, patients_n, 30_000, 3.0)
+                await until(lambda: steps() >= 0.35 * patients_n * len(WALK), steps)
                 # Telegram slow to answer across the outage: updates are inside handlers
                 # (answering a button) and messages in flight when Redis goes, and still
                 # there when it comes back.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,21 @@ from aiogram import Bot, Dispatcher, Router
 from aiogram.types import Message
 
 from adapters.telegram import QUICK_LANES, InboxProcessor
-from bot.app import build_app, prepare
+from bot.app import App, build_app, prepare
 from bot.settings import Settings
 
 TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw"  # never used on a network here
+
+
+def processor_with(app: App, handler: Callable[..., Awaitable[None]]) -> tuple[Bot, InboxProcessor]:
+    """An inbox processor on the app's store whose only handler, for every message, is
+    `handler`; the bot is never asked anything (its session is closed by the test)."""
+    router = Router()
+    router.message()(handler)
+    dispatcher = Dispatcher()
+    dispatcher.include_router(router)
+    bot = Bot(TOKEN)
+    return bot, InboxProcessor(bot, dispatcher, app.store, asyncio.Event(), print, {})
 
 
 def message(update_id: int, chat_id: int, **content: Any) -> tuple[int, int, str]:
@@ -54,12 +66,7 @@ async def test_texts_in_work_are_capped_files_are_not_and_each_chat_keeps_its_or
         if len(handled) == len(texts):
             texts_through.set()
 
-    router = Router()
-    router.message()(handler)
-    dispatcher = Dispatcher()
-    dispatcher.include_router(router)
-    bot = Bot(TOKEN)
-    processor = InboxProcessor(bot, dispatcher, app.store, asyncio.Event(), print, {})
+    bot, processor = processor_with(app, handler)
     document = {"document": {"file_id": "f", "file_unique_id": "u", "file_size": 10}}
     updates = [message(1 + i, 500 + i, **document) for i in range(QUICK_LANES + 2)]
     texts = [
@@ -103,13 +110,7 @@ async def test_a_chats_later_updates_wait_for_its_failed_one(tmp_path: Path) -> 
         if len(handled) == 3:
             all_handled.set()
 
-    router = Router()
-    router.message()(handler)
-    dispatcher = Dispatcher()
-    dispatcher.include_router(router)
-    bot = Bot(TOKEN)
-    wake = asyncio.Event()
-    processor = InboxProcessor(bot, dispatcher, app.store, wake, print, {})
+    bot, processor = processor_with(app, handler)
     try:
         await app.store.store_updates(
             [message(1, 3001, text="a"), message(2, 3001, text="b"), message(3, 3002, text="c")]

@@ -627,6 +627,17 @@ def crash_damage(app: App, upload: UploadSession, short: int, zeroed: int) -> No
     zeros.write_bytes(bytes(zeros.stat().st_size))
 
 
+async def imaging_link_and_study(
+    server: UploadServer, tmp_path: Path
+) -> tuple[str, str, str, dict[str, str], list[Path]]:
+    """A collecting case with an upload link for its imaging item, and a 12-file study to
+    send: (case id, link, the page's API, its headers, the files)."""
+    case_id = await collecting_case(current(server), CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    sent = write_study(tmp_path / "CD", 12)
+    return case_id, link, f"{server.base_url}/upload/api", bearer(link), sent
+
+
 async def upload_study(
     http: aiohttp.ClientSession, api: str, headers: dict[str, str], sent: list[Path]
 ) -> tuple[list[dict[str, Any]], bytes]:
@@ -658,10 +669,7 @@ async def test_parts_a_machine_crash_damaged_are_found_on_resume_and_sent_again(
     memory) trusts no part it did not write until its tags verify, so the page is told the
     damaged chunks are missing, sends only those, and the case gets the bytes sent."""
     app = current(server)
-    case_id = await collecting_case(app, CHAT_A)
-    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
-    api, headers = f"{server.base_url}/upload/api", bearer(link)
-    sent = write_study(tmp_path / "CD", 12)
+    case_id, link, api, headers, sent = await imaging_link_and_study(server, tmp_path)
     async with aiohttp.ClientSession() as http:
         files, stream = await upload_study(http, api, headers, sent)
     upload = await session_of(app, link)
@@ -693,10 +701,7 @@ async def test_a_damaged_part_found_by_the_hand_over_is_sent_again_not_handed_ov
     resumed hand-over checks the parts first, hands nothing to the intake, and waits for the
     damaged chunks again (for a day at least); the page's finish then asks for them."""
     app = current(server)
-    case_id = await collecting_case(app, CHAT_A)
-    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
-    api, headers = f"{server.base_url}/upload/api", bearer(link)
-    sent = write_study(tmp_path / "CD", 12)
+    case_id, link, api, headers, sent = await imaging_link_and_study(server, tmp_path)
     async with aiohttp.ClientSession() as http:
         files, stream = await upload_study(http, api, headers, sent)
     upload = await session_of(app, link)
@@ -773,10 +778,7 @@ async def test_parts_are_not_fsynced_and_the_case_files_are(
     """Receiving chunks fsyncs nothing; the hand-over fsyncs the case's own blob (its file
     and its directory) before the upload completes."""
     app = current(server)
-    case_id = await collecting_case(app, CHAT_A)
-    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
-    api, headers = f"{server.base_url}/upload/api", bearer(link)
-    sent = write_study(tmp_path / "CD", 12)
+    case_id, link, api, headers, sent = await imaging_link_and_study(server, tmp_path)
     calls = fsynced_paths(monkeypatch)
     async with aiohttp.ClientSession() as http:
         await upload_study(http, api, headers, sent)
