@@ -68,12 +68,12 @@ class Gate:
                 self._held.reset(token)
 
 
-def _statement_trip(
-    connection: aiosqlite.Connection, operation: str, parameters: Any, many: bool
+def _run_statement(
+    connection: sqlite3.Connection, operation: str, parameters: Any, many: bool
 ) -> tuple[Any, list[Any], int, int | None]:
-    """Run in aiosqlite's thread: one statement executed, read and closed. Returns its
-    description, rows, rowcount and lastrowid."""
-    cursor = connection._conn.cursor()  # the thread's own sqlite3 connection
+    """One statement executed, read and closed: its description, rows, rowcount and
+    lastrowid."""
+    cursor = connection.cursor()
     try:
         if many:
             cursor.executemany(operation, parameters)
@@ -86,6 +86,13 @@ def _statement_trip(
         return description, rows, cursor.rowcount, cursor.lastrowid
     finally:
         cursor.close()
+
+
+def _statement_trip(
+    connection: aiosqlite.Connection, operation: str, parameters: Any, many: bool
+) -> tuple[Any, list[Any], int, int | None]:
+    """Run in aiosqlite's thread, on the thread's own sqlite3 connection."""
+    return _run_statement(connection._conn, operation, parameters, many)
 
 
 class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
@@ -154,17 +161,95 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
         pass  # nothing is open: the statement's cursor was closed in its trip
 
 
-class _OneTripConnection(AsyncAdapt_aiosqlite_connection):
+class InlineCursor(OneTripCursor):
+    """A statement inside a transaction runs at once on the caller's thread: no trip.
+
+    Under load a trip to aiosqlite's thread cost more than the statement itself: the
+    event loop's thread wakes the worker thread, and on a busy two-core machine the kernel
+    often runs the woken worker at once and parks the waker while it holds the GIL (a
+    py-spy profile of the bot under load showed the main thread at aiosqlite's queue put
+    in about 30% of its samples). Inside a transaction a statement waits for nothing:
+    the write transaction took SQLite's write lock at BEGIN IMMEDIATE, a read transaction
+    reads a WAL snapshot that writers never block, and the statements here are small and
+    indexed (tens of microseconds). What can wait for a lock or the disk still goes to the
+    thread, one trip each: BEGIN IMMEDIATE (another process may hold the write lock),
+    COMMIT (the fsync of synchronous=FULL, and the WAL checkpoints), rollback, and any
+    other statement outside a transaction (set-up pragmas).
+    """
+
+    __slots__ = ()
+
+    def _inline(self, operation: str) -> sqlite3.Connection | None:
+        """The sqlite3 connection when this statement may run here and now, else None."""
+        connection = self._connection._connection  # None once aiosqlite closed it
+        if connection is None:
+            return None
+        # A deferred BEGIN takes no lock: it cannot wait either.
+        if not connection.in_transaction and operation != "BEGIN":
+            return None
+        if self._adapt_connection._execute_mutex.locked():  # a trip of its own in flight
+            return None
+        return connection
+
+    async def _trip(self, operation: str, parameters: Any, many: bool) -> None:
+        connection = self._inline(operation)
+        if connection is None:
+            await super()._trip(operation, parameters, many)
+            return
+        # Still a coroutine: SQLAlchemy's async layer expects one (and a switch to it).
+        result = _run_statement(connection, operation, parameters, many)
+        self._description, rows, self._rowcount, self._lastrowid = result
+        self._rows = collections.deque(rows)
+
+
+class _SqliteConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ()
     # mypy holds class attributes invariant; a cursor subclass is what the parent expects.
-    _cursor_cls = OneTripCursor  # type: ignore[assignment]
+    _cursor_cls = InlineCursor  # type: ignore[assignment]
+
+    def _open_transaction(self) -> bool:
+        connection = self._connection._connection
+        return connection is None or connection.in_transaction
+
+    def rollback(self) -> None:
+        # The pool rolls back every connection it takes back, mostly after a commit: with
+        # no transaction open that is nothing to do, not a trip.
+        if self._open_transaction():
+            super().rollback()
 
 
-class _OneTripDBAPI(AsyncAdapt_aiosqlite_dbapi):
-    """aiosqlite as SQLAlchemy adapts it, with OneTripCursor as the cursor."""
+class _ReadOnlyConnection(_SqliteConnection):
+    """A query-only connection (PRAGMA query_only): its transactions never write, so
+    their end releases a WAL snapshot and touches no lock or disk: done here, no trip."""
 
-    def connect(self, *arg: Any, **kw: Any) -> _OneTripConnection:
-        return _OneTripConnection(self, super().connect(*arg, **kw)._connection)
+    __slots__ = ()
+
+    def commit(self) -> None:
+        self._end_here()
+
+    def rollback(self) -> None:
+        self._end_here()
+
+    def _end_here(self) -> None:
+        connection = self._connection._connection
+        if connection is None or self._execute_mutex.locked():
+            super().rollback()  # closed, or a trip in flight: aiosqlite's own way
+        elif connection.in_transaction:
+            try:
+                connection.rollback()
+            except Exception as error:
+                self._handle_exception(error)
+
+
+class _SqliteDBAPI(AsyncAdapt_aiosqlite_dbapi):
+    """aiosqlite as SQLAlchemy adapts it, with InlineCursor as the cursor."""
+
+    def __init__(self, readonly: bool) -> None:
+        super().__init__(aiosqlite, sqlite3)
+        self._connection_cls = _ReadOnlyConnection if readonly else _SqliteConnection
+
+    def connect(self, *arg: Any, **kw: Any) -> _SqliteConnection:
+        return self._connection_cls(self, super().connect(*arg, **kw)._connection)
 
 
 def is_sqlite(url: str) -> bool:
@@ -181,10 +266,12 @@ def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
         )
     engine = create_async_engine(
         url,
-        module=_OneTripDBAPI(aiosqlite, sqlite3),
+        module=_SqliteDBAPI(readonly),
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
-        connect_args={"timeout": 30},
+        # InlineCursor uses the connection from the event loop's thread too, never at the same
+        # time as aiosqlite's thread (one statement or trip at a time per connection).
+        connect_args={"timeout": 30, "check_same_thread": False},
     )
 
     @event.listens_for(engine.sync_engine, "connect")

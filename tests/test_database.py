@@ -1,8 +1,13 @@
-"""The SQLite engine: each statement is one trip to aiosqlite's thread, and still a DBAPI
-cursor in every way SQLAlchemy and the ORM rely on (rows, rowcount, lastrowid, errors)."""
+"""The SQLite engine: statements inside a transaction run on the event loop's thread, only
+what can wait for a lock or the disk goes to aiosqlite's thread (one trip each), and the
+cursor is still a DBAPI cursor in every way SQLAlchemy and the ORM rely on (rows, rowcount,
+lastrowid, errors)."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,30 +52,73 @@ async def three_statements(engine: AsyncEngine) -> None:
         await session.exec(text("SELECT 3"))
 
 
-async def test_a_statement_is_one_trip_to_the_thread(
+async def test_only_what_may_wait_goes_to_the_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ours = create_engine(f"sqlite:///{tmp_path / 'ours.sqlite'}")
+    path = tmp_path / "ours.sqlite"
+    ours = create_engine(f"sqlite:///{path}")
+    reader = create_engine(f"sqlite:///{path}", readonly=True)
     plain = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'plain.sqlite'}")
     try:
-        for engine in (ours, plain):  # connected, so the pool's first connect is not counted
+        for engine in (ours, reader, plain):  # connected: the pool's connect is not counted
             await three_statements(engine)
         trips = count_trips(monkeypatch)
-        await three_statements(ours)
-        ours_trips = trips[0]
-        trips[0] = 0
-        await three_statements(plain)
-        plain_trips = trips[0]
+        counted = {}
+        for name, engine in (("ours", ours), ("reader", reader), ("plain", plain)):
+            trips[0] = 0
+            await three_statements(engine)
+            counted[name] = trips[0]
     finally:
-        await ours.dispose()
-        await plain.dispose()
-    # Ours: BEGIN IMMEDIATE, the three SELECTs, COMMIT and the pool's reset on return.
-    # SQLAlchemy's own aiosqlite cursor: cursor, execute, fetch and close per SELECT.
-    assert ours_trips == 1 + 3 + 1 + 1
-    assert plain_trips == 3 * 4 + 1 + 1
+        for engine in (ours, reader, plain):
+            await engine.dispose()
+    # Ours: BEGIN IMMEDIATE and COMMIT; the SELECTs run here, the pool's reset has no
+    # transaction left to roll back. A query-only reader: nothing at all.
+    assert counted == {
+        "ours": 2,
+        "reader": 0,
+        # SQLAlchemy's own aiosqlite cursor: cursor, execute, fetch and close per SELECT,
+        # then COMMIT and the pool's reset.
+        "plain": 3 * 4 + 1 + 1,
+    }
 
 
-async def test_the_one_trip_cursor_keeps_rows_counts_ids_and_errors(tmp_path: Path) -> None:
+async def test_waiting_for_the_write_lock_does_not_stop_the_event_loop(tmp_path: Path) -> None:
+    """Another process holds SQLite's write lock for a while: BEGIN IMMEDIATE waits in
+    aiosqlite's thread, the event loop keeps serving, and the transaction then goes ahead."""
+    path = tmp_path / "db.sqlite"
+    engine = await with_schema(create_engine(f"sqlite:///{path}"))
+    other = sqlite3.connect(path, isolation_level=None)  # another process's connection
+    other.execute("BEGIN IMMEDIATE")
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    async def write() -> None:
+        async with AsyncSession(engine) as session, session.begin():
+            session.add(OutboxRow(chat_id=1, locale="en", payload="{}", created_at=NOW))
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        writing = asyncio.create_task(write())
+        await asyncio.sleep(0.5)
+        assert not writing.done()  # waiting for the lock...
+        held = [t for t in ticks if t >= ticks[-1] - 0.4]
+        assert len(held) >= 10  # ...while the loop went on (a blocked loop ticks once)
+        other.execute("COMMIT")
+        await asyncio.wait_for(writing, timeout=10)
+    finally:
+        ticking.cancel()
+        other.close()
+        await engine.dispose()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    check.close()
+
+
+async def test_the_cursor_keeps_rows_counts_ids_and_errors(tmp_path: Path) -> None:
     engine = await with_schema(create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"))
     try:
         async with AsyncSession(engine, expire_on_commit=False) as session, session.begin():
