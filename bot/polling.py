@@ -21,10 +21,10 @@ from aiogram.types import BotCommand
 from aiohttp import web
 
 from adapters import metrics
+from adapters.bundle import Bundle
 from adapters.cluster import SOLO, RedisCluster, SharedRateLimiter, Solo
 from adapters.database import is_sqlite
 from adapters.directory import CaseDirectory, button_secret
-from adapters.export import Bundle, build_bundle
 from adapters.keys import load_or_create_master_key
 from adapters.media import CLOUD_SEND_LIMIT, LOCAL_SEND_LIMIT, CaseMedia
 from adapters.telegram import (
@@ -105,6 +105,10 @@ def exports_dir(settings: Settings) -> Path:
 
 async def export_case(app: App, case_id: str, actor: str) -> Bundle:
     """The hand-off bundle, its manifest in the coordinators' language (a button's action)."""
+    # Imported here, not at start: the ZIP, DICOM and PDF libraries it needs take longer to
+    # import than the rest of the bot but aiogram, and most starts never build a bundle.
+    from adapters.export import build_bundle
+
     locale = app.settings.coordinator_locale
 
     def render(key: str, params: dict[str, object]) -> str:
