@@ -78,10 +78,12 @@ def set_aside_startup_objects() -> None:
     objects that live as long as the bot; every full collection walked them all, a pause of
     about 140 ms (on this 2-core machine) in which no patient is answered: most of the slow
     tail of the update latency under load. Frozen, they are no longer walked; what handling
-    updates allocates is collected as before.
+    updates allocates is collected as before. Collection, off while the bot started (see
+    bot.cli.main), is on again from here.
     """
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 async def set_commands(bot: Bot, app: App) -> None:
