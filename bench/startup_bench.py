@@ -10,13 +10,15 @@ first start on an empty folder (database created, migrated, master key written).
 
 The ratio is taken within each round and the median over the rounds printed, so load from
 elsewhere on the machine moves both sides of a ratio alike. A warm-up start of each tree
-first writes its bytecode caches, as any start after the first finds them.
+first writes its bytecode caches where Python may (not where PYTHONDONTWRITEBYTECODE is
+set); this tree gets its bytecode from `make bytecode`, as `make setup` leaves it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import subprocess
@@ -80,7 +82,10 @@ async def run(trees: dict[str, Path], base: str, rounds: int, work: Path) -> Non
             name: await time_to_ready(emu, tree, work / f"{name}-fresh")
             for name, tree in trees.items()
         }
-    print(f"\nbase = {base[:12]}, {rounds} rounds, seconds from exec to first getUpdates")
+    print(
+        f"\nbase = {base[:12]}, {rounds} rounds, seconds from exec to first getUpdates, "
+        f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+    )
     for name in trees:
         print(
             f"  {name:<5} restart median {statistics.median(times[name]):.2f} s "
@@ -100,6 +105,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
     try:
         trees = {"base": extract_revision(base, work / "base-tree"), "this": ROOT}
+        subprocess.run(["make", "-s", "-C", str(ROOT), "bytecode"], check=True)
         for name in trees:  # each tree's data folders: restarted, and empty for the last start
             (work / name).mkdir()
             (work / f"{name}-fresh").mkdir()
