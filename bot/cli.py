@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aside (bot.polling.set_aside_startup_objects turns collection back on), or main returns.
     gc.disable()
     try:
+        from bot.aiogram_types import import_aiogram
+
+        import_aiogram()  # before anything imports it the slow way
         return _command(args)
     finally:
         gc.enable()
