@@ -89,8 +89,8 @@ async def run(trees: dict[str, Path], base: str, rounds: int, work: Path) -> Non
     for name in trees:
         print(
             f"  {name:<5} restart median {statistics.median(times[name]):.2f} s "
-            f"(min {min(times[name]):.2f}), first start {first[name]:.2f} s (bytecode "
-            f"being written), on an empty folder {fresh[name]:.2f} s"
+            f"(min {min(times[name]):.2f}), first start {first[name]:.2f} s, "
+            f"on an empty folder {fresh[name]:.2f} s"
         )
     print(f"  ratio this/base, restart: median {statistics.median(ratios):.2f}")
     print(f"  ratio this/base, empty folder: {fresh['this'] / fresh['base']:.2f}")

@@ -101,6 +101,13 @@ async def set_commands(bot: Bot, app: App) -> None:
         await bot.set_my_commands(commands, language_code=locale)
 
 
+async def set_commands_quietly(bot: Bot, app: App) -> None:
+    try:
+        await set_commands(bot, app)
+    except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
+        log.warning("could not set the command menu: %s", type(exc).__name__)
+
+
 def exports_dir(settings: Settings) -> Path:
     return settings.data_dir / "exports"
 
@@ -315,10 +322,6 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await register_webhook(bot, settings)
         else:
             await bot.delete_webhook(drop_pending_updates=False)
-        try:
-            await set_commands(bot, app)
-        except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
-            log.warning("could not set the command menu: %s", type(exc).__name__)
         set_aside_startup_objects()
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(runtime.processor.run(), name="inbox"),
@@ -331,6 +334,10 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
         if not webhook:
             poller = Poller(bot, app.store, runtime.inbox_wake, patient.ALLOWED_UPDATES)
             tasks.append(asyncio.create_task(poller.run(), name="poller"))
+        # The menu is set while the bot already serves: one request per language, one after
+        # the other, that no patient should wait for at a start. Not among `tasks`: its end
+        # is not a reason to stop.
+        menu = asyncio.create_task(set_commands_quietly(bot, app), name="menu")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -350,9 +357,9 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await asyncio.wait_for(runtime.processor.finish(), timeout=STOP_GRACE_S)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runtime.sender.finish(), timeout=STOP_GRACE_S)
-        for task in tasks:
+        for task in (*tasks, menu):
             task.cancel()
-        for task in tasks:
+        for task in (*tasks, menu):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for task in done:
