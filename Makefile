@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run shell test lint i18n services clean
+.PHONY: setup bytecode run shell test lint i18n services clean
 
 $(STAMP): pyproject.toml scripts/system-packages.sh
 	bash scripts/system-packages.sh
@@ -20,7 +20,14 @@ locales/%/LC_MESSAGES/messages.mo: locales/%/LC_MESSAGES/messages.po $(STAMP)
 
 CATALOGS := $(patsubst %.po,%.mo,$(wildcard locales/*/LC_MESSAGES/messages.po))
 
-setup: $(STAMP) $(CATALOGS)
+setup: $(STAMP) $(CATALOGS) bytecode
+
+# The project's bytecode, written ahead: every start of the bot reads it instead of compiling
+# each module again (0.6 s of CPU a start here), also where PYTHONDONTWRITEBYTECODE is set or
+# the tree is read-only, so Python cannot cache it itself. Only changed files are recompiled.
+# (pip wrote the dependencies' bytecode when it installed them.)
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q bot core adapters handlers intake checklists
 
 run: setup
 	$(BIN)/care-companion run

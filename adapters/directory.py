@@ -29,7 +29,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from adapters import audit
-from adapters.export import Bundle, ExportError
+from adapters.bundle import Bundle, ExportError
 from adapters.keyring import KeyRing
 from adapters.media import bundle_request, preview_request
 from adapters.store import SqlStore, SqlTransaction, file_from_json, utcnow

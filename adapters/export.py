@@ -65,6 +65,7 @@ from reportlab.platypus import Flowable, Paragraph, SimpleDocTemplate, Spacer, T
 from sqlmodel import col, select
 
 from adapters import audit
+from adapters.bundle import Bundle, ExportError, ManifestEntry
 from adapters.durable import fsync_dir
 from adapters.store import SqlStore, utcnow
 from adapters.tables import CaseRow, FileMemberRow, FileRow, ItemRow
@@ -139,38 +140,6 @@ _NAME_BYTES = 200  # below the 255-byte name limit of common file systems, in UT
 _IMAGE_EXTENSIONS = {"jpeg": "jpg", "tiff": "tif", "heif": "heic"}
 _OFFICE_EXTENSIONS = frozenset({"doc", "xls", "docx", "xlsx", "pptx"})
 _KIND_EXTENSIONS = {"pdf": "pdf", "dicom": "dcm", "zip": "zip"}
-
-
-class ExportError(Exception):
-    """The bundle cannot be built (unknown or erased case, a damaged record); one line."""
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One line of the manifest: a document, or one DICOM study of one item."""
-
-    item_key: str
-    item_title: str  # as rendered
-    kind: str  # pdf, image, office, dicom, zip, other
-    date: str  # ISO date: a scan's study date, else the day the file was received
-    date_is_study: bool
-    pages: int | None
-    series: int | None
-    instances: int | None
-    language: str | None  # as the intake check detected it (a code such as "zh")
-    translation: str | None
-    status: str  # accepted or noted (rejected files never go in)
-    path: str  # in the archive; a study folder for indexed DICOM
-    notes: tuple[str, ...] = ()  # as rendered
-
-
-@dataclass(frozen=True)
-class Bundle:
-    path: Path
-    password: str  # deliver apart from the archive
-    file_count: int  # records in the archive (the manifest and the DICOMDIR not counted)
-    total_bytes: int  # their bytes
-    entries: tuple[ManifestEntry, ...]
 
 
 @dataclass(frozen=True)

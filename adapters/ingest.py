@@ -24,7 +24,7 @@ from core.model import FileRef, Identity
 from core.ports import FileSource, IncomingFile, StoredFile, StoredMember
 from core.replies import Text
 from intake import Kind, Severity, Verdict, runner
-from intake.image import LEGIBILITY_ERRORS
+from intake.verdict import LEGIBILITY_ERRORS
 
 log = logging.getLogger(__name__)
 

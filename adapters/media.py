@@ -21,7 +21,7 @@ from adapters.ingest import BlobOpener
 from adapters.store import SqlStore
 from adapters.tables import CaseRow, FileMemberRow, FileRow
 from adapters.vault import Vault
-from intake import preview, runner
+from intake import runner
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ class CaseMedia:
         openers, password = await self._openers(case_id, kind, list(request["files"]))
         if not openers:
             raise PreviewUnavailable("file_gone")
+        # Imported at the first preview, not at start: the bot only names the function for
+        # the worker, which runs it; its imaging libraries (NumPy, Pillow, pdfium) would add
+        # a quarter of a second to every start.
+        from intake import preview
+
         try:
             made = await asyncio.to_thread(
                 runner.call_in_worker,

@@ -48,6 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.revision import extract_revision  # noqa: E402
+
 FILE_BYTES = 4 * 1024 * 1024  # pixel data per DICOM file
 PARALLEL = 3  # as the page
 MIB = 1024 * 1024
@@ -190,21 +192,6 @@ def wait_for_port(port: int) -> None:
             return
         time.sleep(0.05)
     raise SystemExit(f"nothing listens on port {port}")
-
-
-def extract_revision(revision: str, target: Path) -> Path:
-    """The repository's tree at `revision` in `target`, with this tree's compiled catalogs
-    (they are built, not committed)."""
-    target.mkdir()
-    with subprocess.Popen(
-        ["git", "-C", str(ROOT), "archive", revision], stdout=subprocess.PIPE
-    ) as archive:
-        subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
-    if archive.returncode:
-        raise SystemExit(f"git archive {revision} failed")
-    for catalog in (ROOT / "locales").rglob("*.mo"):
-        shutil.copy(catalog, target / catalog.relative_to(ROOT))
-    return target
 
 
 def free_port() -> int:

@@ -21,10 +21,10 @@ from aiogram.types import BotCommand
 from aiohttp import web
 
 from adapters import metrics
+from adapters.bundle import Bundle
 from adapters.cluster import SOLO, RedisCluster, SharedRateLimiter, Solo
 from adapters.database import is_sqlite
 from adapters.directory import CaseDirectory, button_secret
-from adapters.export import Bundle, build_bundle
 from adapters.keys import load_or_create_master_key
 from adapters.media import CLOUD_SEND_LIMIT, LOCAL_SEND_LIMIT, CaseMedia
 from adapters.telegram import (
@@ -78,10 +78,12 @@ def set_aside_startup_objects() -> None:
     objects that live as long as the bot; every full collection walked them all, a pause of
     about 140 ms (on this 2-core machine) in which no patient is answered: most of the slow
     tail of the update latency under load. Frozen, they are no longer walked; what handling
-    updates allocates is collected as before.
+    updates allocates is collected as before. Collection, off while the bot started (see
+    bot.cli.main), is on again from here.
     """
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 async def set_commands(bot: Bot, app: App) -> None:
@@ -99,12 +101,23 @@ async def set_commands(bot: Bot, app: App) -> None:
         await bot.set_my_commands(commands, language_code=locale)
 
 
+async def set_commands_quietly(bot: Bot, app: App) -> None:
+    try:
+        await set_commands(bot, app)
+    except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
+        log.warning("could not set the command menu: %s", type(exc).__name__)
+
+
 def exports_dir(settings: Settings) -> Path:
     return settings.data_dir / "exports"
 
 
 async def export_case(app: App, case_id: str, actor: str) -> Bundle:
     """The hand-off bundle, its manifest in the coordinators' language (a button's action)."""
+    # Imported here, not at start: the ZIP, DICOM and PDF libraries it needs take longer to
+    # import than the rest of the bot but aiogram, and most starts never build a bundle.
+    from adapters.export import build_bundle
+
     locale = app.settings.coordinator_locale
 
     def render(key: str, params: dict[str, object]) -> str:
@@ -309,10 +322,6 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await register_webhook(bot, settings)
         else:
             await bot.delete_webhook(drop_pending_updates=False)
-        try:
-            await set_commands(bot, app)
-        except TelegramAPIError as exc:  # a menu is a nicety: never a reason not to serve
-            log.warning("could not set the command menu: %s", type(exc).__name__)
         set_aside_startup_objects()
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(runtime.processor.run(), name="inbox"),
@@ -325,6 +334,10 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
         if not webhook:
             poller = Poller(bot, app.store, runtime.inbox_wake, patient.ALLOWED_UPDATES)
             tasks.append(asyncio.create_task(poller.run(), name="poller"))
+        # The menu is set while the bot already serves: one request per language, one after
+        # the other, that no patient should wait for at a start. Not among `tasks`: its end
+        # is not a reason to stop.
+        menu = asyncio.create_task(set_commands_quietly(bot, app), name="menu")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -344,9 +357,9 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await asyncio.wait_for(runtime.processor.finish(), timeout=STOP_GRACE_S)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(runtime.sender.finish(), timeout=STOP_GRACE_S)
-        for task in tasks:
+        for task in (*tasks, menu):
             task.cancel()
-        for task in tasks:
+        for task in (*tasks, menu):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for task in done:

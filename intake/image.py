@@ -84,17 +84,6 @@ NO_TEXT_FOCUS = limits.SCREEN_FOCUS_MARGINAL
 CUT_LINES = 2
 CUT_PAPER = 0.3  # ... on a picture of a page: at least this share of it plain paper ...
 CUT_TEXT = 0.002  # ... with text on it: at least this share of it text cells
-LEGIBILITY_ERRORS = (
-    "photo_low_resolution",
-    "photo_too_dark",
-    "photo_washed_out",
-    "photo_low_contrast",
-    "photo_blurred",
-    "photo_glare",
-    "photo_cut_off",
-    "image_blank",
-    "photo_unreadable",
-)
 SCREEN_SIZES = {
     (w, h)
     for w, h in [

@@ -10,6 +10,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+# The codes by which a photo check says a picture cannot be read (intake.image); kept here,
+# with no imaging library imported, for the bot that acts on them.
+LEGIBILITY_ERRORS = (
+    "photo_low_resolution",
+    "photo_too_dark",
+    "photo_washed_out",
+    "photo_low_contrast",
+    "photo_blurred",
+    "photo_glare",
+    "photo_cut_off",
+    "image_blank",
+    "photo_unreadable",
+)
+
 
 class Kind(StrEnum):
     """What a file is, judged by its content (never by its name or declared MIME type)."""

@@ -380,8 +380,7 @@ async def test_another_patient_replaying_every_button_reaches_only_their_own_cas
 def test_every_legibility_rejection_allows_the_lenient_third_try() -> None:
     """The retake rule follows the photo check's own list, OCR's `photo_unreadable` included."""
     from adapters.ingest import retakeable
-    from intake.image import LEGIBILITY_ERRORS
-    from intake.verdict import Finding, Kind, Severity, verdict_from
+    from intake.verdict import LEGIBILITY_ERRORS, Finding, Kind, Severity, verdict_from
 
     for code in (*LEGIBILITY_ERRORS, "pdf_pages_illegible"):
         assert retakeable(verdict_from(Kind.IMAGE, [Finding(code, Severity.ERROR)])), code
