@@ -37,6 +37,7 @@ from adapters.telegram import (
     KeepResponseTypes,
     OutboxSender,
     Poller,
+    SendGate,
     parked_notice,
 )
 from bot.app import App, build_app
@@ -68,6 +69,7 @@ def make_bot(settings: Settings) -> Bot:
     )
     session = AiohttpSession(api=server)
     session.middleware(KeepResponseTypes())
+    session.middleware(SendGate())  # registered last: the nearest to the request
     return Bot(settings.bot_token, session=session)
 
 

@@ -1,4 +1,5 @@
-"""The outbox's one-process rate limiter (adapters.telegram._RateLimiter) on its own."""
+"""The outbox's one-process rate limiter (adapters.telegram._RateLimiter) on its own, and the
+gate that checks the limits again as each request leaves (SendGate)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import time
 from collections import Counter
 
 import pytest
+from aiogram import Bot
+from aiogram.client.session.aiohttp import AiohttpSession
 
-from adapters.telegram import GLOBAL_PER_SECOND, _RateLimiter
-from tests.harness import GLOBAL_LIMIT, max_per_window
+from adapters.telegram import CHAT_BURST, GLOBAL_PER_SECOND, SendGate, _RateLimiter
+from tests.emulator import BotApiEmulator
+from tests.harness import GLOBAL_LIMIT, max_per_window, rate_breaches
 
 
 async def test_sixty_waiting_chats_are_paced_and_each_sleeps_about_once(
@@ -56,3 +60,33 @@ async def test_a_chat_gets_three_at_once_then_about_one_a_second() -> None:
         times.append(time.monotonic())
     assert times[2] - times[0] < 1.0  # a burst of three
     assert times[3] - times[0] >= 3.0  # then the window: no fourth within it
+
+
+async def test_turns_given_together_still_leave_within_the_limits() -> None:
+    """What a stalled event loop does: 30 chats' turns, and 5 messages to one chat, all
+    handed over at the same instant. The gate lets them reach Telegram within the limits
+    (without it all 35 arrive within a few milliseconds)."""
+    async with BotApiEmulator() as emu:
+        session = AiohttpSession(api=emu.api_server)
+        session.middleware(SendGate())
+        bot = Bot(emu.token, session=session)
+        chats = [emu.user(8_000 + i).id for i in range(30)]
+        busy = emu.user(9_000).id
+        try:
+            await asyncio.gather(
+                *(bot.send_message(chat, "hello") for chat in chats),
+                *(bot.send_message(busy, f"part {n}") for n in range(5)),
+                bot.send_chat_action(busy, "typing"),  # not a message: not held
+            )
+        finally:
+            await bot.session.close()
+        sends = [c for c in emu.calls_for("sendMessage") if c.status == 200]
+        assert len(sends) == 35
+        times = sorted(c.time for c in sends)
+        assert max_per_window(times, 1.0) <= GLOBAL_LIMIT
+        assert times[-1] - times[0] >= 1.0  # some had to wait
+        to_busy = sorted(c.time for c in sends if c.params.get("chat_id") in (busy, str(busy)))
+        assert max_per_window(to_busy, 3.0) <= CHAT_BURST
+        assert rate_breaches(sends) == []
+        action = emu.calls_for("sendChatAction")[0].time
+        assert action - times[0] < 0.5  # not held behind the messages
