@@ -9,6 +9,8 @@ Plaintext never touches the disk, not even in ``tmp/``: the writer encrypts each
 in memory before writing it.  A committed blob is durable (file and directory fsynced)
 unless its writer was asked for ``durable=False``, which only the web upload's parts are:
 they are verified before use and never the durable record (see ``adapters.uploads``).
+A writer asked for ``direct=True`` (the web upload's parts too) writes past the OS's page
+cache (``O_DIRECT``) where the file system allows it, see :class:`BlobWriter`.
 
 Blob file format, version 1::
 
@@ -42,8 +44,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
+import mmap
 import os
 import re
 import secrets
@@ -95,6 +99,9 @@ _STREAM_BATCH_CHUNKS = 4
 # Random nonces are drawn for this many chunks at once: one getrandom() call, and one
 # hand-over of the GIL while it runs, per 64 chunks of a large blob instead of per chunk.
 _NONCES_PER_DRAW = 64
+# O_DIRECT writes must start, end and sit in memory at multiples of the device's logical
+# block (512 or 4096 bytes): 4096 suits both.
+_DIRECT_ALIGN = 4096
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -194,7 +201,13 @@ class Vault:
     # ----------------------------------------------------------------- writing
 
     def writer(
-        self, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+        self,
+        blob_id: str,
+        key: bytes,
+        *,
+        digest: bool = True,
+        durable: bool = True,
+        direct: bool = False,
     ) -> BlobWriter:
         """Start writing a new blob; see :class:`BlobWriter`.
 
@@ -203,10 +216,12 @@ class Vault:
         skips the plaintext's SHA-256 (its BlobInfo.sha256 is then empty) for callers
         that never use it.  ``durable=False`` commits without any fsync (see
         :meth:`BlobWriter.commit`): only for blobs that are never the durable record.
+        ``direct=True`` writes past the page cache (see :class:`BlobWriter`): for large
+        blobs not read back soon.
         """
         validate_blob_id(blob_id)
         _check_key(key)
-        return BlobWriter(self, blob_id, key, digest=digest, durable=durable)
+        return BlobWriter(self, blob_id, key, digest=digest, durable=durable, direct=direct)
 
     async def write_stream(
         self,
@@ -216,6 +231,7 @@ class Vault:
         *,
         digest: bool = True,
         durable: bool = True,
+        direct: bool = False,
     ) -> BlobInfo:
         """Encrypt an async stream of byte pieces into a new blob and commit it.
 
@@ -225,10 +241,12 @@ class Vault:
         loop gathers the next, so receiving and storing overlap and the loop never blocks
         on disk or crypto.  At most two batches are held (one being stored, one being
         gathered).  The last batch, the fsync and the rename go in one more thread call.
-        On any error or cancellation the temporary file is removed.  ``digest`` and
-        ``durable`` are as for :meth:`writer`.
+        On any error or cancellation the temporary file is removed.  ``digest``,
+        ``durable`` and ``direct`` are as for :meth:`writer`.
         """
-        writer = await asyncio.to_thread(self.writer, blob_id, key, digest=digest, durable=durable)
+        writer = await asyncio.to_thread(
+            self.writer, blob_id, key, digest=digest, durable=durable, direct=direct
+        )
         batch_size = _STREAM_BATCH_CHUNKS * self.chunk_size
         storing: asyncio.Task[None] | None = None
         try:
@@ -355,6 +373,15 @@ class BlobWriter:
     writer cannot know a chunk is the last until :meth:`commit`.  Memory use is one
     chunk of plaintext plus one chunk of ciphertext.
 
+    The file is written in whole 4 KiB blocks (the last few bytes only at commit).  With
+    ``direct=True`` it is opened ``O_DIRECT``, so those blocks go from the ciphertext
+    buffer to the disk without a copy into the page cache: in a VM that returns free
+    memory to its host, each page-cache page is fresh memory, and filling it cost more
+    CPU than receiving and encrypting the bytes (bench/upload_bench.py).  Where the file
+    system refuses O_DIRECT (tmpfs), the writer writes through the page cache instead.
+    Either way a block is in the kernel's hands when ``write`` returns, so the blob
+    survives a crash of this process.
+
     ``flush()`` is a no-op kept for file-object compatibility (aiogram calls
     write()+flush() per piece); durability comes only from :meth:`commit`.  When
     passing the writer to aiogram's ``Bot.download(..., destination=writer)``, also
@@ -366,9 +393,16 @@ class BlobWriter:
     """
 
     def __init__(
-        self, vault: Vault, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+        self,
+        vault: Vault,
+        blob_id: str,
+        key: bytes,
+        *,
+        digest: bool = True,
+        durable: bool = True,
+        direct: bool = False,
     ) -> None:
-        """Create the temp file and write the header; use :meth:`Vault.writer`."""
+        """Create the temp file and stage the header; use :meth:`Vault.writer`."""
         self.blob_id = blob_id
         self._durable = durable
         self._vault = vault
@@ -379,7 +413,10 @@ class BlobWriter:
         # Preallocated once: slice assignment into a fixed buffer never reallocates,
         # which keeps peak memory at one chunk.
         self._buf = bytearray(self._chunk_size)
-        self._sealed = bytearray(NONCE_SIZE + self._chunk_size + TAG_SIZE)
+        # Sealed records queue here until written: an anonymous map is page-aligned, as
+        # O_DIRECT needs. It holds one record plus the unaligned end of the one before.
+        self._out = mmap.mmap(-1, _DIRECT_ALIGN + NONCE_SIZE + self._chunk_size + TAG_SIZE)
+        self._pending = 0  # bytes in _out not yet written
         self._filled = 0
         self._index = 0
         self._size = 0
@@ -393,17 +430,16 @@ class BlobWriter:
         self._lock = threading.RLock()
         self._final_path = vault._blob_path(blob_id)
         self._tmp_path = vault.tmp_dir / f"{blob_id}.{secrets.token_hex(8)}.tmp"
-        self._fd: int | None = os.open(
-            self._tmp_path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            _FILE_MODE,
-        )
-        try:
-            write_all(self._fd, self._header)
-        except BaseException:
-            self.abort()
-            raise
-        self._stored = len(self._header)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._direct = direct
+        self._fd: int | None = os.open(self._tmp_path, flags, _FILE_MODE)
+        if direct:
+            try:
+                self._set_direct(True)
+            except OSError:
+                self._direct = False  # the file system has no O_DIRECT: the page cache it is
+        self._out[: len(self._header)] = self._header
+        self._pending = self._stored = len(self._header)
 
     # ----------------------------------------------------------- file protocol
 
@@ -427,6 +463,11 @@ class BlobWriter:
     def tell(self) -> int:
         """Number of plaintext bytes written so far."""
         return self._size + self._filled
+
+    @property
+    def direct(self) -> bool:
+        """True while whole blocks go to the disk past the page cache (O_DIRECT)."""
+        return self._direct
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Buffer *data*, encrypting and writing each chunk once the next one starts."""
@@ -567,19 +608,59 @@ class BlobWriter:
             nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
             self._nonce_at += NONCE_SIZE
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
-            # Nonce, ciphertext and tag laid out in one reused buffer: one write, and no
-            # fresh megabyte to allocate (and for the kernel to zero) per chunk.
+            # Nonce, ciphertext and tag laid out in one reused buffer after what is still
+            # unwritten: one write, and no fresh megabyte to allocate (and for the kernel to
+            # zero) per chunk.
             stored = NONCE_SIZE + self._filled + TAG_SIZE
-            sealed = memoryview(self._sealed)[:stored]
-            sealed[:NONCE_SIZE] = nonce
-            self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
+            with memoryview(self._out) as out:
+                sealed = out[self._pending : self._pending + stored]
+                sealed[:NONCE_SIZE] = nonce
+                self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
+                sealed.release()
             plain.release()
-            write_all(self._fd, sealed)
-            sealed.release()
+            self._pending += stored
+            self._write_out(final)
             self._stored += stored
             self._size += self._filled
             self._index += 1
             self._filled = 0
+
+    def _write_out(self, final: bool) -> None:
+        """Write the staged bytes' whole blocks and keep the rest for the next record;
+        with `final`, the rest too, past O_DIRECT (a file's unaligned end cannot use it)."""
+        assert self._fd is not None
+        aligned = self._pending - self._pending % _DIRECT_ALIGN
+        with memoryview(self._out) as out:
+            if aligned:
+                self._write_blocks(out[:aligned])
+            rest = self._pending - aligned
+            if final and rest:
+                if self._direct:
+                    self._set_direct(False)
+                write_all(self._fd, out[aligned : self._pending])
+                rest = 0
+            elif rest and aligned:
+                out[:rest] = out[aligned : self._pending]  # rest < aligned: no overlap
+        self._pending = rest
+
+    def _write_blocks(self, blocks: memoryview) -> None:
+        assert self._fd is not None
+        while blocks:
+            try:
+                blocks = blocks[os.write(self._fd, blocks) :]
+            except OSError as exc:
+                # Some file systems accept O_DIRECT at open but not these writes (a larger
+                # block, a stricter alignment): the page cache then, from here on.
+                if not self._direct or exc.errno != errno.EINVAL:
+                    raise
+                self._set_direct(False)
+
+    def _set_direct(self, on: bool) -> None:
+        assert self._fd is not None
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        flags = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+        self._direct = on
 
     def _publish(self) -> None:
         """Move the (fsynced, if durable) temp file to its final name without replacing
@@ -614,8 +695,8 @@ class BlobWriter:
 
     def _release_buffer(self) -> None:
         self._buf = bytearray()
-        self._sealed = bytearray()
-        self._filled = 0
+        self._out.close()
+        self._filled = self._pending = 0
 
 
 class BlobReader(io.RawIOBase):
