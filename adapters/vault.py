@@ -102,6 +102,10 @@ _NONCES_PER_DRAW = 64
 # O_DIRECT writes must start, end and sit in memory at multiples of the device's logical
 # block (512 or 4096 bytes): 4096 suits both.
 _DIRECT_ALIGN = 4096
+# A writer's two chunk buffers are kept for the next writer, up to this many pairs (the
+# upload page sends 3 chunks at once): a new megabyte is fresh memory to fault in and
+# zero, which cost as much as encrypting it.
+_SPARE_BUFFERS = 4
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -191,6 +195,26 @@ class Vault:
         self.tmp_dir = self.root / "tmp"
         for directory in (self.root, self.blobs_dir, self.tmp_dir):
             directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+        self._spare: list[tuple[bytearray, mmap.mmap]] = []
+        self._spare_lock = threading.Lock()
+
+    def _take_buffers(self) -> tuple[bytearray, mmap.mmap]:
+        """A writer's plaintext chunk buffer and its page-aligned staging map for sealed
+        records (one record plus the unaligned end of the one before)."""
+        with self._spare_lock:
+            if self._spare:
+                return self._spare.pop()
+        staging = _DIRECT_ALIGN + NONCE_SIZE + self.chunk_size + TAG_SIZE
+        return bytearray(self.chunk_size), mmap.mmap(-1, staging)
+
+    def _give_back(self, plain: bytearray, staging: mmap.mmap) -> None:
+        """Keep a finished writer's buffers for the next, the plaintext wiped first."""
+        plain[:] = bytes(len(plain))
+        with self._spare_lock:
+            if len(self._spare) < _SPARE_BUFFERS:
+                self._spare.append((plain, staging))
+                return
+        staging.close()
 
     # ----------------------------------------------------------------- paths
 
@@ -410,12 +434,11 @@ class BlobWriter:
         self._chunk_size = vault.chunk_size
         self._header = _HEADER.pack(MAGIC, FORMAT_VERSION, self._chunk_size)
         self._aad_prefix = _aad_prefix(self._header, blob_id)
-        # Preallocated once: slice assignment into a fixed buffer never reallocates,
-        # which keeps peak memory at one chunk.
-        self._buf = bytearray(self._chunk_size)
-        # Sealed records queue here until written: an anonymous map is page-aligned, as
-        # O_DIRECT needs. It holds one record plus the unaligned end of the one before.
-        self._out = mmap.mmap(-1, _DIRECT_ALIGN + NONCE_SIZE + self._chunk_size + TAG_SIZE)
+        # Fixed buffers (slice assignment never reallocates, which keeps peak memory at
+        # one chunk), reused from writer to writer. Sealed records queue in `_out` until
+        # written: an anonymous map is page-aligned, as O_DIRECT needs.
+        self._buf, staging = vault._take_buffers()
+        self._out: mmap.mmap | None = staging
         self._pending = 0  # bytes in _out not yet written
         self._filled = 0
         self._index = 0
@@ -438,7 +461,7 @@ class BlobWriter:
                 self._set_direct(True)
             except OSError:
                 self._direct = False  # the file system has no O_DIRECT: the page cache it is
-        self._out[: len(self._header)] = self._header
+        staging[: len(self._header)] = self._header
         self._pending = self._stored = len(self._header)
 
     # ----------------------------------------------------------- file protocol
@@ -471,17 +494,20 @@ class BlobWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Buffer *data*, encrypting and writing each chunk once the next one starts."""
-        self._check_open()
         view = memoryview(data).cast("B")
         total = len(view)
-        try:
-            while view:
-                if self._buffer_full():
-                    self._emit_buffer(False)
-                view = view[self._fill(view) :]
-        except BaseException:
-            self.abort()
-            raise
+        # Under the lock: an abort from another thread hands the buffers to the next
+        # writer, so it must wait until this one has stopped filling them.
+        with self._lock:
+            self._check_open()
+            try:
+                while view:
+                    if self._buffer_full():
+                        self._emit_buffer(False)
+                    view = view[self._fill(view) :]
+            except BaseException:
+                self.abort()
+                raise
         return total
 
     def write_many(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -612,6 +638,7 @@ class BlobWriter:
             # unwritten: one write, and no fresh megabyte to allocate (and for the kernel to
             # zero) per chunk.
             stored = NONCE_SIZE + self._filled + TAG_SIZE
+            assert self._out is not None
             with memoryview(self._out) as out:
                 sealed = out[self._pending : self._pending + stored]
                 sealed[:NONCE_SIZE] = nonce
@@ -628,7 +655,7 @@ class BlobWriter:
     def _write_out(self, final: bool) -> None:
         """Write the staged bytes' whole blocks and keep the rest for the next record;
         with `final`, the rest too, past O_DIRECT (a file's unaligned end cannot use it)."""
-        assert self._fd is not None
+        assert self._fd is not None and self._out is not None
         aligned = self._pending - self._pending % _DIRECT_ALIGN
         with memoryview(self._out) as out:
             if aligned:
@@ -694,8 +721,9 @@ class BlobWriter:
             fsync_dir(shard)
 
     def _release_buffer(self) -> None:
-        self._buf = bytearray()
-        self._out.close()
+        if self._out is not None:
+            self._vault._give_back(self._buf, self._out)
+        self._buf, self._out = bytearray(), None
         self._filled = self._pending = 0
 
 

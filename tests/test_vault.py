@@ -32,6 +32,7 @@ from adapters.keys import (
     wrapped_key_id,
 )
 from adapters.vault import (
+    _SPARE_BUFFERS,
     CHUNK_OVERHEAD,
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -560,6 +561,28 @@ def test_a_file_system_without_o_direct_gets_a_buffered_blob(
         assert reader.read() == data
 
 
+def test_writers_reuse_wiped_buffers_and_keep_only_a_few(vault: Vault, key: bytes) -> None:
+    """A finished writer's buffers go to the next one (no fresh megabytes per blob), with
+    no plaintext left in them meanwhile, and only a few pairs are kept."""
+    data = payload(CS + 100, seed=8)
+    store(vault, "reuse001", key, data)
+    [(plain, staging)] = vault._spare
+    assert plain == bytes(CS)
+    with vault.writer("reuse002", key, direct=True) as writer:
+        assert vault._spare == [] and writer._buf is plain and writer._out is staging
+        writer.write(data[::-1])
+    with vault.reader("reuse002", key) as reader:
+        assert reader.read() == data[::-1]
+    writers = [vault.writer(f"many{n:04d}", key) for n in range(6)]
+    for writer in writers[:3]:
+        writer.write(data)
+        writer.commit()
+    for writer in writers[3:]:
+        writer.abort()
+    assert len(vault._spare) == _SPARE_BUFFERS
+    assert all(plain == bytes(CS) for plain, _ in vault._spare)
+
+
 def test_delete_exists_iter_and_cleanup(vault: Vault, key: bytes) -> None:
     ids = ["aa000001", "aa000002", "b-_Z0000", "zz" + "x" * 126]
     for blob_id in ids:
@@ -638,7 +661,7 @@ def test_writer_memory_stays_bounded(vault: Vault, key: bytes, direct: bool) -> 
     tracemalloc.start()
     try:
         with vault.writer("bigblob1", key, direct=direct) as w:
-            assert len(w._out) < 4096 + STORED_CHUNK + 4096  # an mmap: not traced
+            assert w._out is not None and len(w._out) < 4096 + STORED_CHUNK + 4096  # not traced
             for _ in range(total // len(piece)):
                 w.write(piece)
                 w.flush()
