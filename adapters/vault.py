@@ -102,6 +102,10 @@ _NONCES_PER_DRAW = 64
 # O_DIRECT writes must start, end and sit in memory at multiples of the device's logical
 # block (512 or 4096 bytes): 4096 suits both.
 _DIRECT_ALIGN = 4096
+# Sealed records are written this many bytes at a time (at least one record): in a VM each
+# write to the disk is an exit to the host, which cost more than encrypting a megabyte.
+# 4 MiB is also the largest request the kernel usually sends to a disk in one go.
+_WRITE_BYTES = 4 << 20
 # A writer's two chunk buffers are kept for the next writer, up to this many pairs (the
 # upload page sends 3 chunks at once): a new megabyte is fresh memory to fault in and
 # zero, which cost as much as encrypting it.
@@ -200,11 +204,12 @@ class Vault:
 
     def _take_buffers(self) -> tuple[bytearray, mmap.mmap]:
         """A writer's plaintext chunk buffer and its page-aligned staging map for sealed
-        records (one record plus the unaligned end of the one before)."""
+        records (_WRITE_BYTES of them, plus the unaligned end of the write before)."""
         with self._spare_lock:
             if self._spare:
                 return self._spare.pop()
-        staging = _DIRECT_ALIGN + NONCE_SIZE + self.chunk_size + TAG_SIZE
+        record = NONCE_SIZE + self.chunk_size + TAG_SIZE
+        staging = _DIRECT_ALIGN + max(1, _WRITE_BYTES // record) * record
         return bytearray(self.chunk_size), mmap.mmap(-1, staging)
 
     def _give_back(self, plain: bytearray, staging: mmap.mmap) -> None:
@@ -397,14 +402,15 @@ class BlobWriter:
     writer cannot know a chunk is the last until :meth:`commit`.  Memory use is one
     chunk of plaintext plus one chunk of ciphertext.
 
-    The file is written in whole 4 KiB blocks (the last few bytes only at commit).  With
+    The sealed chunks are written a few megabytes at a time, in whole 4 KiB blocks (the
+    last few bytes only at commit), so memory use is that much more.  With
     ``direct=True`` it is opened ``O_DIRECT``, so those blocks go from the ciphertext
     buffer to the disk without a copy into the page cache: in a VM that returns free
     memory to its host, each page-cache page is fresh memory, and filling it cost more
     CPU than receiving and encrypting the bytes (bench/upload_bench.py).  Where the file
     system refuses O_DIRECT (tmpfs), the writer writes through the page cache instead.
-    Either way a block is in the kernel's hands when ``write`` returns, so the blob
-    survives a crash of this process.
+    Either way every byte is in the kernel's hands before :meth:`commit` returns, so a
+    committed blob survives a crash of this process.
 
     ``flush()`` is a no-op kept for file-object compatibility (aiogram calls
     write()+flush() per piece); durability comes only from :meth:`commit`.  When
@@ -635,8 +641,8 @@ class BlobWriter:
             self._nonce_at += NONCE_SIZE
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
             # Nonce, ciphertext and tag laid out in one reused buffer after what is still
-            # unwritten: one write, and no fresh megabyte to allocate (and for the kernel to
-            # zero) per chunk.
+            # unwritten: one write per _WRITE_BYTES, and no fresh megabyte to allocate (and
+            # for the kernel to zero) per chunk.
             stored = NONCE_SIZE + self._filled + TAG_SIZE
             assert self._out is not None
             with memoryview(self._out) as out:
@@ -646,7 +652,8 @@ class BlobWriter:
                 sealed.release()
             plain.release()
             self._pending += stored
-            self._write_out(final)
+            if final or self._pending + NONCE_SIZE + self._chunk_size + TAG_SIZE > len(self._out):
+                self._write_out(final)
             self._stored += stored
             self._size += self._filled
             self._index += 1
