@@ -61,12 +61,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from adapters.durable import fsync_dir, write_all
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+    from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext
 
 __all__ = [
     "CHUNK_SIZE",
@@ -237,6 +239,7 @@ class Vault:
         digest: bool = True,
         durable: bool = True,
         direct: bool = False,
+        size: int | None = None,
     ) -> BlobWriter:
         """Start writing a new blob; see :class:`BlobWriter`.
 
@@ -246,11 +249,14 @@ class Vault:
         that never use it.  ``durable=False`` commits without any fsync (see
         :meth:`BlobWriter.commit`): only for blobs that are never the durable record.
         ``direct=True`` writes past the page cache (see :class:`BlobWriter`): for large
-        blobs not read back soon.
+        blobs not read back soon.  ``size``, the plaintext's exact length when known
+        beforehand, lets the writer seal the bytes as they come (see :class:`BlobWriter`).
         """
         validate_blob_id(blob_id)
         _check_key(key)
-        return BlobWriter(self, blob_id, key, digest=digest, durable=durable, direct=direct)
+        return BlobWriter(
+            self, blob_id, key, digest=digest, durable=durable, direct=direct, size=size
+        )
 
     async def write_stream(
         self,
@@ -261,6 +267,7 @@ class Vault:
         digest: bool = True,
         durable: bool = True,
         direct: bool = False,
+        size: int | None = None,
     ) -> BlobInfo:
         """Encrypt an async stream of byte pieces into a new blob and commit it.
 
@@ -271,10 +278,10 @@ class Vault:
         on disk or crypto.  At most two batches are held (one being stored, one being
         gathered).  The last batch, the fsync and the rename go in one more thread call.
         On any error or cancellation the temporary file is removed.  ``digest``,
-        ``durable`` and ``direct`` are as for :meth:`writer`.
+        ``durable``, ``direct`` and ``size`` are as for :meth:`writer`.
         """
         writer = await asyncio.to_thread(
-            self.writer, blob_id, key, digest=digest, durable=durable, direct=direct
+            self.writer, blob_id, key, digest=digest, durable=durable, direct=direct, size=size
         )
         batch_size = _STREAM_BATCH_CHUNKS * self.chunk_size
         storing: asyncio.Task[None] | None = None
@@ -412,6 +419,11 @@ class BlobWriter:
     Either way every byte is in the kernel's hands before :meth:`commit` returns, so a
     committed blob survives a crash of this process.
 
+    A writer told the plaintext's ``size`` up front knows which chunk is the last as it
+    begins it, so it seals each piece as it is written (AES-GCM streaming into the
+    staging map), without first copying it into the chunk buffer; more bytes than
+    ``size`` are refused, and fewer make :meth:`commit` fail.  The blob is the same.
+
     ``flush()`` is a no-op kept for file-object compatibility (aiogram calls
     write()+flush() per piece); durability comes only from :meth:`commit`.  When
     passing the writer to aiogram's ``Bot.download(..., destination=writer)``, also
@@ -431,8 +443,14 @@ class BlobWriter:
         digest: bool = True,
         durable: bool = True,
         direct: bool = False,
+        size: int | None = None,
     ) -> None:
         """Create the temp file and stage the header; use :meth:`Vault.writer`."""
+        if size is not None and size < 0:
+            raise ValueError("a blob's size cannot be negative")
+        self._expected = size
+        self._key = bytes(key)
+        self._sealer: AEADEncryptionContext | None = None  # the open chunk (sized writers)
         self.blob_id = blob_id
         self._durable = durable
         self._vault = vault
@@ -508,6 +526,9 @@ class BlobWriter:
             self._check_open()
             try:
                 while view:
+                    if self._expected is not None:
+                        view = view[self._seal_piece(view) :]
+                        continue
                     if self._buffer_full():
                         self._emit_buffer(False)
                     view = view[self._fill(view) :]
@@ -546,7 +567,12 @@ class BlobWriter:
                 return self._info
             self._check_open()
             try:
-                self._emit_buffer(True)
+                if self._expected is None:
+                    self._emit_buffer(True)
+                elif self._size + self._filled != self._expected:
+                    raise ValueError(f"blob {self.blob_id} is shorter than its declared size")
+                elif self._expected == 0:
+                    self._seal_piece(memoryview(b""))  # an empty blob: one empty last chunk
                 assert self._fd is not None
                 if self._durable:
                     os.fsync(self._fd)
@@ -635,10 +661,7 @@ class BlobWriter:
             # write_stream, and hashlib releases the GIL for large buffers.
             if self._sha is not None:
                 self._sha.update(plain)
-            if self._nonce_at == len(self._nonces):
-                self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
-            nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
-            self._nonce_at += NONCE_SIZE
+            nonce = self._next_nonce()
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
             # Nonce, ciphertext and tag laid out in one reused buffer after what is still
             # unwritten: one write per _WRITE_BYTES, and no fresh megabyte to allocate (and
@@ -651,13 +674,59 @@ class BlobWriter:
                 self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
                 sealed.release()
             plain.release()
-            self._pending += stored
-            if final or self._pending + NONCE_SIZE + self._chunk_size + TAG_SIZE > len(self._out):
-                self._write_out(final)
-            self._stored += stored
-            self._size += self._filled
-            self._index += 1
-            self._filled = 0
+            self._sealed(final)
+
+    def _seal_piece(self, view: memoryview) -> int:
+        """Seal the start of *view* into the open chunk (a sized writer's write), opening
+        and closing chunks as they fill; returns the bytes taken."""
+        assert self._expected is not None and self._out is not None
+        length = min(self._chunk_size, self._expected - self._size)
+        if self._sealer is None:
+            if length == 0 and self._index:
+                raise ValueError(f"blob {self.blob_id} is longer than its declared size")
+            nonce = self._next_nonce()
+            final = self._size + length == self._expected
+            self._sealer = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+            self._sealer.authenticate_additional_data(
+                self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
+            )
+            self._out[self._pending : self._pending + NONCE_SIZE] = nonce
+        take = min(length - self._filled, len(view))
+        piece = view[:take]
+        if self._sha is not None:
+            self._sha.update(piece)
+        at = self._pending + NONCE_SIZE + self._filled
+        with memoryview(self._out) as out:
+            # GCM output is as long as its input; the room left includes the tag's 16 bytes,
+            # which covers the block of slack update_into asks for.
+            self._sealer.update_into(piece, out[at:])
+        self._filled += take
+        if self._filled == length:
+            self._sealer.finalize()
+            self._out[at + take : at + take + TAG_SIZE] = self._sealer.tag
+            self._sealer = None
+            self._sealed(self._size + length == self._expected)
+        return take
+
+    def _next_nonce(self) -> bytes:
+        if self._nonce_at == len(self._nonces):
+            self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
+        nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
+        self._nonce_at += NONCE_SIZE
+        return nonce
+
+    def _sealed(self, final: bool) -> None:
+        """Account for the chunk just sealed into `_out` (`_filled` plaintext bytes), and
+        write when no other chunk fits or this was the last."""
+        assert self._out is not None
+        stored = NONCE_SIZE + self._filled + TAG_SIZE
+        self._pending += stored
+        if final or self._pending + NONCE_SIZE + self._chunk_size + TAG_SIZE > len(self._out):
+            self._write_out(final)
+        self._stored += stored
+        self._size += self._filled
+        self._index += 1
+        self._filled = 0
 
     def _write_out(self, final: bool) -> None:
         """Write the staged bytes' whole blocks and keep the rest for the next record;

@@ -36,6 +36,7 @@ from adapters.vault import (
     CHUNK_OVERHEAD,
     CHUNK_SIZE,
     HEADER_SIZE,
+    NONCE_SIZE,
     BlobIntegrityError,
     BlobReader,
     InvalidBlobIdError,
@@ -561,6 +562,56 @@ def test_a_file_system_without_o_direct_gets_a_buffered_blob(
     assert not write_direct(vault, "direct04", key, data, piece=1 << 16)
     with vault.reader("direct04", key) as reader:
         assert reader.read() == data
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "size"),
+    [(CS, 0), (CS, 1), (CS, CS), (CS, CS * 9 + 17), (1000, 50_017), (1000, 5_000_017)],
+)
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_sized_writer_seals_as_it_goes_into_the_same_blob(
+    tmp_path: Path, key: bytes, chunk_size: int, size: int, direct: bool
+) -> None:
+    """Told the size up front, the writer seals pieces as they come (no chunk buffer):
+    the blob reads back and verifies like any other, hash and stored size included, and
+    a flipped byte in it fails its chunk's tag."""
+    vault = Vault(tmp_path / "vault", chunk_size=chunk_size)
+    data = payload(size, seed=size + 3)
+    with vault.writer("sized001", key, direct=direct, size=size) as writer:
+        for start in range(0, size, 65521):  # pieces straddling chunks
+            writer.write(data[start : start + 65521])
+        assert writer._filled == 0  # the last chunk sealed with its last byte, not at commit
+    info = vault.verify("sized001", key)
+    assert (info.size, info.sha256) == (size, hashlib.sha256(data).hexdigest())
+    with vault.reader("sized001", key) as reader:
+        assert reader.read() == data
+    records = max(1, -(-size // chunk_size))
+    assert info.stored_size == HEADER_SIZE + records * CHUNK_OVERHEAD + size
+    if size:
+        path = blob_file(vault, "sized001")
+        raw = bytearray(path.read_bytes())
+        middle = size // 2 // chunk_size
+        raw[HEADER_SIZE + middle * (chunk_size + CHUNK_OVERHEAD) + NONCE_SIZE] ^= 1
+        path.write_bytes(raw)
+        assert_rejected(vault, "sized001", key, chunk_index=middle)
+
+
+def test_a_sized_writer_refuses_more_or_fewer_bytes(vault: Vault, key: bytes) -> None:
+    """A byte more than declared is refused as it comes; one fewer fails the commit. Either
+    way nothing is stored, not even a temp file."""
+    data = payload(CS * 2, seed=9)
+    with pytest.raises(ValueError, match="longer"), vault.writer("long0001", key, size=CS * 2) as w:
+        w.write(data)
+        w.write(b"x")
+    with (
+        pytest.raises(ValueError, match="shorter"),
+        vault.writer("short001", key, size=CS * 2) as w,
+    ):
+        w.write(data[:-1])
+    with pytest.raises(ValueError, match="longer"), vault.writer("empty001", key, size=0) as w:
+        w.write(b"x")
+    assert not vault.exists("long0001") and not vault.exists("short001")
+    assert all_files(vault.root) == []
 
 
 def test_writers_reuse_wiped_buffers_and_keep_only_a_few(vault: Vault, key: bytes) -> None:
