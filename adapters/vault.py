@@ -407,17 +407,18 @@ class BlobWriter:
     Data is buffered up to one chunk; a full chunk is encrypted and written only
     when more data arrives, because the last chunk must carry the final flag and the
     writer cannot know a chunk is the last until :meth:`commit`.  Memory use is one
-    chunk of plaintext plus one chunk of ciphertext.
+    chunk of plaintext plus 4 MiB of sealed chunks, in buffers the vault hands on from
+    writer to writer.
 
-    The sealed chunks are written a few megabytes at a time, in whole 4 KiB blocks (the
-    last few bytes only at commit), so memory use is that much more.  With
+    The sealed chunks are written 4 MiB at a time, in whole 4 KiB blocks (the last few
+    bytes only at commit).  With
     ``direct=True`` it is opened ``O_DIRECT``, so those blocks go from the ciphertext
     buffer to the disk without a copy into the page cache: in a VM that returns free
     memory to its host, each page-cache page is fresh memory, and filling it cost more
     CPU than receiving and encrypting the bytes (bench/upload_bench.py).  Where the file
-    system refuses O_DIRECT (tmpfs), the writer writes through the page cache instead.
-    Either way every byte is in the kernel's hands before :meth:`commit` returns, so a
-    committed blob survives a crash of this process.
+    system refuses O_DIRECT (tmpfs on older kernels), the writer writes through the page
+    cache instead.  Either way every byte is in the kernel's hands before :meth:`commit`
+    returns, so a committed blob survives a crash of this process.
 
     A writer told the plaintext's ``size`` up front knows which chunk is the last as it
     begins it, so it seals each piece as it is written (AES-GCM streaming into the

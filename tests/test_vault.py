@@ -464,8 +464,8 @@ async def test_only_a_writer_asked_not_to_be_durable_skips_fsync(
 
 
 def accepts_o_direct(directory: Path) -> bool:
-    """Whether the file system under `directory` takes O_DIRECT (tmpfs did not before
-    Linux 6.6)."""
+    """Whether the file system under `directory` takes O_DIRECT (tmpfs on older kernels
+    does not)."""
     try:
         fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
     except OSError:
