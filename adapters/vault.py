@@ -215,13 +215,14 @@ class Vault:
         return bytearray(self.chunk_size), mmap.mmap(-1, staging)
 
     def _give_back(self, plain: bytearray, staging: mmap.mmap) -> None:
-        """Keep a finished writer's buffers for the next, the plaintext wiped first."""
+        """Keep a finished writer's buffers for the next, the plaintext wiped first. Beyond
+        _SPARE_BUFFERS they are dropped, not closed: a view of the map may still live in
+        the traceback of the error that aborted the writer (close() would raise over it),
+        and the map goes with the last reference."""
         plain[:] = bytes(len(plain))
         with self._spare_lock:
             if len(self._spare) < _SPARE_BUFFERS:
                 self._spare.append((plain, staging))
-                return
-        staging.close()
 
     # ----------------------------------------------------------------- paths
 

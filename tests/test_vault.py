@@ -9,6 +9,7 @@ import hashlib
 import io
 import os
 import random
+import resource
 import shutil
 import stat
 import tracemalloc
@@ -634,6 +635,34 @@ def test_writers_reuse_wiped_buffers_and_keep_only_a_few(vault: Vault, key: byte
         writer.abort()
     assert len(vault._spare) == _SPARE_BUFFERS
     assert all(plain == bytes(CS) for plain, _ in vault._spare)
+
+
+def test_a_failed_write_is_reported_as_itself_with_every_spare_kept(
+    vault: Vault, key: bytes
+) -> None:
+    """A write the kernel refuses (here: past the file size limit, EFBIG) aborts the
+    writer with that error, even when its buffers are one pair too many to keep; no temp
+    file stays, and the next writer works."""
+    spares = [vault._take_buffers() for _ in range(_SPARE_BUFFERS)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    data = payload(CS * 6, seed=10)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (CS, hard))  # Python ignores SIGXFSZ
+        for blob_id, direct, size in (("efbig001", True, None), ("efbig002", False, len(data))):
+            writer = vault.writer(blob_id, key, direct=direct, size=size)  # a new pair
+            for pair in spares:
+                vault._give_back(*pair)  # the pool full again meanwhile
+            with pytest.raises(OSError) as excinfo:
+                writer.write(data)
+            assert excinfo.value.errno == errno.EFBIG
+            assert writer.closed and len(vault._spare) == _SPARE_BUFFERS
+            spares = [vault._take_buffers() for _ in range(_SPARE_BUFFERS)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert all_files(vault.root) == []
+    store(vault, "after001", key, data)
+    with vault.reader("after001", key) as reader:
+        assert reader.read() == data
 
 
 def test_delete_exists_iter_and_cleanup(vault: Vault, key: bytes) -> None:
