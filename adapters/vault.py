@@ -9,6 +9,8 @@ Plaintext never touches the disk, not even in ``tmp/``: the writer encrypts each
 in memory before writing it.  A committed blob is durable (file and directory fsynced)
 unless its writer was asked for ``durable=False``, which only the web upload's parts are:
 they are verified before use and never the durable record (see ``adapters.uploads``).
+A writer asked for ``direct=True`` (the web upload's parts too) writes past the OS's page
+cache (``O_DIRECT``) where the file system allows it, see :class:`BlobWriter`.
 
 Blob file format, version 1::
 
@@ -42,8 +44,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
+import mmap
 import os
 import re
 import secrets
@@ -57,12 +61,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from adapters.durable import fsync_dir, write_all
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
+    from cryptography.hazmat.primitives.ciphers import AEADEncryptionContext
 
 __all__ = [
     "CHUNK_SIZE",
@@ -95,6 +101,17 @@ _STREAM_BATCH_CHUNKS = 4
 # Random nonces are drawn for this many chunks at once: one getrandom() call, and one
 # hand-over of the GIL while it runs, per 64 chunks of a large blob instead of per chunk.
 _NONCES_PER_DRAW = 64
+# O_DIRECT writes must start, end and sit in memory at multiples of the device's logical
+# block (512 or 4096 bytes): 4096 suits both.
+_DIRECT_ALIGN = 4096
+# Sealed records are written this many bytes at a time (at least one record): in a VM each
+# write to the disk is an exit to the host, which cost more than encrypting a megabyte.
+# 4 MiB is also the largest request the kernel usually sends to a disk in one go.
+_WRITE_BYTES = 4 << 20
+# A writer's two chunk buffers are kept for the next writer, up to this many pairs (the
+# upload page sends 3 chunks at once): a new megabyte is fresh memory to fault in and
+# zero, which cost as much as encrypting it.
+_SPARE_BUFFERS = 4
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -184,6 +201,28 @@ class Vault:
         self.tmp_dir = self.root / "tmp"
         for directory in (self.root, self.blobs_dir, self.tmp_dir):
             directory.mkdir(mode=_DIR_MODE, exist_ok=True)
+        self._spare: list[tuple[bytearray, mmap.mmap]] = []
+        self._spare_lock = threading.Lock()
+
+    def _take_buffers(self) -> tuple[bytearray, mmap.mmap]:
+        """A writer's plaintext chunk buffer and its page-aligned staging map for sealed
+        records (_WRITE_BYTES of them, plus the unaligned end of the write before)."""
+        with self._spare_lock:
+            if self._spare:
+                return self._spare.pop()
+        record = NONCE_SIZE + self.chunk_size + TAG_SIZE
+        staging = _DIRECT_ALIGN + max(1, _WRITE_BYTES // record) * record
+        return bytearray(self.chunk_size), mmap.mmap(-1, staging)
+
+    def _give_back(self, plain: bytearray, staging: mmap.mmap) -> None:
+        """Keep a finished writer's buffers for the next, the plaintext wiped first. Beyond
+        _SPARE_BUFFERS they are dropped, not closed: a view of the map may still live in
+        the traceback of the error that aborted the writer (close() would raise over it),
+        and the map goes with the last reference."""
+        plain[:] = bytes(len(plain))
+        with self._spare_lock:
+            if len(self._spare) < _SPARE_BUFFERS:
+                self._spare.append((plain, staging))
 
     # ----------------------------------------------------------------- paths
 
@@ -194,7 +233,14 @@ class Vault:
     # ----------------------------------------------------------------- writing
 
     def writer(
-        self, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+        self,
+        blob_id: str,
+        key: bytes,
+        *,
+        digest: bool = True,
+        durable: bool = True,
+        direct: bool = False,
+        size: int | None = None,
     ) -> BlobWriter:
         """Start writing a new blob; see :class:`BlobWriter`.
 
@@ -203,10 +249,15 @@ class Vault:
         skips the plaintext's SHA-256 (its BlobInfo.sha256 is then empty) for callers
         that never use it.  ``durable=False`` commits without any fsync (see
         :meth:`BlobWriter.commit`): only for blobs that are never the durable record.
+        ``direct=True`` writes past the page cache (see :class:`BlobWriter`): for large
+        blobs not read back soon.  ``size``, the plaintext's exact length when known
+        beforehand, lets the writer seal the bytes as they come (see :class:`BlobWriter`).
         """
         validate_blob_id(blob_id)
         _check_key(key)
-        return BlobWriter(self, blob_id, key, digest=digest, durable=durable)
+        return BlobWriter(
+            self, blob_id, key, digest=digest, durable=durable, direct=direct, size=size
+        )
 
     async def write_stream(
         self,
@@ -216,6 +267,8 @@ class Vault:
         *,
         digest: bool = True,
         durable: bool = True,
+        direct: bool = False,
+        size: int | None = None,
     ) -> BlobInfo:
         """Encrypt an async stream of byte pieces into a new blob and commit it.
 
@@ -225,10 +278,12 @@ class Vault:
         loop gathers the next, so receiving and storing overlap and the loop never blocks
         on disk or crypto.  At most two batches are held (one being stored, one being
         gathered).  The last batch, the fsync and the rename go in one more thread call.
-        On any error or cancellation the temporary file is removed.  ``digest`` and
-        ``durable`` are as for :meth:`writer`.
+        On any error or cancellation the temporary file is removed.  ``digest``,
+        ``durable``, ``direct`` and ``size`` are as for :meth:`writer`.
         """
-        writer = await asyncio.to_thread(self.writer, blob_id, key, digest=digest, durable=durable)
+        writer = await asyncio.to_thread(
+            self.writer, blob_id, key, digest=digest, durable=durable, direct=direct, size=size
+        )
         batch_size = _STREAM_BATCH_CHUNKS * self.chunk_size
         storing: asyncio.Task[None] | None = None
         try:
@@ -353,7 +408,23 @@ class BlobWriter:
     Data is buffered up to one chunk; a full chunk is encrypted and written only
     when more data arrives, because the last chunk must carry the final flag and the
     writer cannot know a chunk is the last until :meth:`commit`.  Memory use is one
-    chunk of plaintext plus one chunk of ciphertext.
+    chunk of plaintext plus 4 MiB of sealed chunks, in buffers the vault hands on from
+    writer to writer.
+
+    The sealed chunks are written 4 MiB at a time, in whole 4 KiB blocks (the last few
+    bytes only at commit).  With
+    ``direct=True`` it is opened ``O_DIRECT``, so those blocks go from the ciphertext
+    buffer to the disk without a copy into the page cache: in a VM that returns free
+    memory to its host, each page-cache page is fresh memory, and filling it cost more
+    CPU than receiving and encrypting the bytes (bench/upload_bench.py).  Where the file
+    system refuses O_DIRECT (tmpfs on older kernels), the writer writes through the page
+    cache instead.  Either way every byte is in the kernel's hands before :meth:`commit`
+    returns, so a committed blob survives a crash of this process.
+
+    A writer told the plaintext's ``size`` up front knows which chunk is the last as it
+    begins it, so it seals each piece as it is written (AES-GCM streaming into the
+    staging map), without first copying it into the chunk buffer; more bytes than
+    ``size`` are refused, and fewer make :meth:`commit` fail.  The blob is the same.
 
     ``flush()`` is a no-op kept for file-object compatibility (aiogram calls
     write()+flush() per piece); durability comes only from :meth:`commit`.  When
@@ -366,9 +437,22 @@ class BlobWriter:
     """
 
     def __init__(
-        self, vault: Vault, blob_id: str, key: bytes, *, digest: bool = True, durable: bool = True
+        self,
+        vault: Vault,
+        blob_id: str,
+        key: bytes,
+        *,
+        digest: bool = True,
+        durable: bool = True,
+        direct: bool = False,
+        size: int | None = None,
     ) -> None:
-        """Create the temp file and write the header; use :meth:`Vault.writer`."""
+        """Create the temp file and stage the header; use :meth:`Vault.writer`."""
+        if size is not None and size < 0:
+            raise ValueError("a blob's size cannot be negative")
+        self._expected = size
+        self._key = bytes(key)
+        self._sealer: AEADEncryptionContext | None = None  # the open chunk (sized writers)
         self.blob_id = blob_id
         self._durable = durable
         self._vault = vault
@@ -376,10 +460,12 @@ class BlobWriter:
         self._chunk_size = vault.chunk_size
         self._header = _HEADER.pack(MAGIC, FORMAT_VERSION, self._chunk_size)
         self._aad_prefix = _aad_prefix(self._header, blob_id)
-        # Preallocated once: slice assignment into a fixed buffer never reallocates,
-        # which keeps peak memory at one chunk.
-        self._buf = bytearray(self._chunk_size)
-        self._sealed = bytearray(NONCE_SIZE + self._chunk_size + TAG_SIZE)
+        # Fixed buffers (slice assignment never reallocates, which keeps peak memory at
+        # one chunk), reused from writer to writer. Sealed records queue in `_out` until
+        # written: an anonymous map is page-aligned, as O_DIRECT needs.
+        self._buf, staging = vault._take_buffers()
+        self._out: mmap.mmap | None = staging
+        self._pending = 0  # bytes in _out not yet written
         self._filled = 0
         self._index = 0
         self._size = 0
@@ -393,17 +479,16 @@ class BlobWriter:
         self._lock = threading.RLock()
         self._final_path = vault._blob_path(blob_id)
         self._tmp_path = vault.tmp_dir / f"{blob_id}.{secrets.token_hex(8)}.tmp"
-        self._fd: int | None = os.open(
-            self._tmp_path,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            _FILE_MODE,
-        )
-        try:
-            write_all(self._fd, self._header)
-        except BaseException:
-            self.abort()
-            raise
-        self._stored = len(self._header)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._direct = direct
+        self._fd: int | None = os.open(self._tmp_path, flags, _FILE_MODE)
+        if direct:
+            try:
+                self._set_direct(True)
+            except OSError:
+                self._direct = False  # the file system has no O_DIRECT: the page cache it is
+        staging[: len(self._header)] = self._header
+        self._pending = self._stored = len(self._header)
 
     # ----------------------------------------------------------- file protocol
 
@@ -428,19 +513,30 @@ class BlobWriter:
         """Number of plaintext bytes written so far."""
         return self._size + self._filled
 
+    @property
+    def direct(self) -> bool:
+        """True while whole blocks go to the disk past the page cache (O_DIRECT)."""
+        return self._direct
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Buffer *data*, encrypting and writing each chunk once the next one starts."""
-        self._check_open()
         view = memoryview(data).cast("B")
         total = len(view)
-        try:
-            while view:
-                if self._buffer_full():
-                    self._emit_buffer(False)
-                view = view[self._fill(view) :]
-        except BaseException:
-            self.abort()
-            raise
+        # Under the lock: an abort from another thread hands the buffers to the next
+        # writer, so it must wait until this one has stopped filling them.
+        with self._lock:
+            self._check_open()
+            try:
+                while view:
+                    if self._expected is not None:
+                        view = view[self._seal_piece(view) :]
+                        continue
+                    if self._buffer_full():
+                        self._emit_buffer(False)
+                    view = view[self._fill(view) :]
+            except BaseException:
+                self.abort()
+                raise
         return total
 
     def write_many(self, pieces: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -473,7 +569,12 @@ class BlobWriter:
                 return self._info
             self._check_open()
             try:
-                self._emit_buffer(True)
+                if self._expected is None:
+                    self._emit_buffer(True)
+                elif self._size + self._filled != self._expected:
+                    raise ValueError(f"blob {self.blob_id} is shorter than its declared size")
+                elif self._expected == 0:
+                    self._seal_piece(memoryview(b""))  # an empty blob: one empty last chunk
                 assert self._fd is not None
                 if self._durable:
                     os.fsync(self._fd)
@@ -562,24 +663,109 @@ class BlobWriter:
             # write_stream, and hashlib releases the GIL for large buffers.
             if self._sha is not None:
                 self._sha.update(plain)
-            if self._nonce_at == len(self._nonces):
-                self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
-            nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
-            self._nonce_at += NONCE_SIZE
+            nonce = self._next_nonce()
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
-            # Nonce, ciphertext and tag laid out in one reused buffer: one write, and no
-            # fresh megabyte to allocate (and for the kernel to zero) per chunk.
+            # Nonce, ciphertext and tag laid out in one reused buffer after what is still
+            # unwritten: one write per _WRITE_BYTES, and no fresh megabyte to allocate (and
+            # for the kernel to zero) per chunk.
             stored = NONCE_SIZE + self._filled + TAG_SIZE
-            sealed = memoryview(self._sealed)[:stored]
-            sealed[:NONCE_SIZE] = nonce
-            self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
+            assert self._out is not None
+            with memoryview(self._out) as out:
+                sealed = out[self._pending : self._pending + stored]
+                sealed[:NONCE_SIZE] = nonce
+                self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
+                sealed.release()
             plain.release()
-            write_all(self._fd, sealed)
-            sealed.release()
-            self._stored += stored
-            self._size += self._filled
-            self._index += 1
-            self._filled = 0
+            self._sealed(final)
+
+    def _seal_piece(self, view: memoryview) -> int:
+        """Seal the start of *view* into the open chunk (a sized writer's write), opening
+        and closing chunks as they fill; returns the bytes taken."""
+        assert self._expected is not None and self._out is not None
+        length = min(self._chunk_size, self._expected - self._size)
+        if self._sealer is None:
+            if length == 0 and self._index:
+                raise ValueError(f"blob {self.blob_id} is longer than its declared size")
+            nonce = self._next_nonce()
+            final = self._size + length == self._expected
+            self._sealer = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+            self._sealer.authenticate_additional_data(
+                self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
+            )
+            self._out[self._pending : self._pending + NONCE_SIZE] = nonce
+        take = min(length - self._filled, len(view))
+        piece = view[:take]
+        if self._sha is not None:
+            self._sha.update(piece)
+        at = self._pending + NONCE_SIZE + self._filled
+        with memoryview(self._out) as out:
+            # GCM output is as long as its input; the room left includes the tag's 16 bytes,
+            # which covers the block of slack update_into asks for.
+            self._sealer.update_into(piece, out[at:])
+        self._filled += take
+        if self._filled == length:
+            self._sealer.finalize()
+            self._out[at + take : at + take + TAG_SIZE] = self._sealer.tag
+            self._sealer = None
+            self._sealed(self._size + length == self._expected)
+        return take
+
+    def _next_nonce(self) -> bytes:
+        if self._nonce_at == len(self._nonces):
+            self._nonces, self._nonce_at = secrets.token_bytes(NONCE_SIZE * _NONCES_PER_DRAW), 0
+        nonce = self._nonces[self._nonce_at : self._nonce_at + NONCE_SIZE]
+        self._nonce_at += NONCE_SIZE
+        return nonce
+
+    def _sealed(self, final: bool) -> None:
+        """Account for the chunk just sealed into `_out` (`_filled` plaintext bytes), and
+        write when no other chunk fits or this was the last."""
+        assert self._out is not None
+        stored = NONCE_SIZE + self._filled + TAG_SIZE
+        self._pending += stored
+        if final or self._pending + NONCE_SIZE + self._chunk_size + TAG_SIZE > len(self._out):
+            self._write_out(final)
+        self._stored += stored
+        self._size += self._filled
+        self._index += 1
+        self._filled = 0
+
+    def _write_out(self, final: bool) -> None:
+        """Write the staged bytes' whole blocks and keep the rest for the next record;
+        with `final`, the rest too, past O_DIRECT (a file's unaligned end cannot use it)."""
+        assert self._fd is not None and self._out is not None
+        aligned = self._pending - self._pending % _DIRECT_ALIGN
+        with memoryview(self._out) as out:
+            if aligned:
+                self._write_blocks(out[:aligned])
+            rest = self._pending - aligned
+            if final and rest:
+                if self._direct:
+                    self._set_direct(False)
+                write_all(self._fd, out[aligned : self._pending])
+                rest = 0
+            elif rest and aligned:
+                out[:rest] = out[aligned : self._pending]  # rest < aligned: no overlap
+        self._pending = rest
+
+    def _write_blocks(self, blocks: memoryview) -> None:
+        assert self._fd is not None
+        while blocks:
+            try:
+                blocks = blocks[os.write(self._fd, blocks) :]
+            except OSError as exc:
+                # Some file systems accept O_DIRECT at open but not these writes (a larger
+                # block, a stricter alignment): the page cache then, from here on.
+                if not self._direct or exc.errno != errno.EINVAL:
+                    raise
+                self._set_direct(False)
+
+    def _set_direct(self, on: bool) -> None:
+        assert self._fd is not None
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        flags = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags)
+        self._direct = on
 
     def _publish(self) -> None:
         """Move the (fsynced, if durable) temp file to its final name without replacing
@@ -613,9 +799,10 @@ class BlobWriter:
             fsync_dir(shard)
 
     def _release_buffer(self) -> None:
-        self._buf = bytearray()
-        self._sealed = bytearray()
-        self._filled = 0
+        if self._out is not None:
+            self._vault._give_back(self._buf, self._out)
+        self._buf, self._out = bytearray(), None
+        self._filled = self._pending = 0
 
 
 class BlobReader(io.RawIOBase):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import io
 import os
 import random
+import resource
 import shutil
 import stat
 import tracemalloc
@@ -30,9 +33,11 @@ from adapters.keys import (
     wrapped_key_id,
 )
 from adapters.vault import (
+    _SPARE_BUFFERS,
     CHUNK_OVERHEAD,
     CHUNK_SIZE,
     HEADER_SIZE,
+    NONCE_SIZE,
     BlobIntegrityError,
     BlobReader,
     InvalidBlobIdError,
@@ -459,6 +464,207 @@ async def test_only_a_writer_asked_not_to_be_durable_skips_fsync(
             assert reader.read() == data
 
 
+def accepts_o_direct(directory: Path) -> bool:
+    """Whether the file system under `directory` takes O_DIRECT (tmpfs on older kernels
+    does not)."""
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(directory / "probe")
+    return True
+
+
+def write_direct(vault: Vault, blob_id: str, key: bytes, data: bytes, piece: int) -> bool:
+    """Store `data` with direct=True in pieces; whether blocks went past the page cache."""
+    with vault.writer(blob_id, key, durable=False, direct=True) as writer:
+        for start in range(0, len(data), piece):
+            writer.write(data[start : start + piece])
+        went_direct = writer.direct
+    assert all_files(vault.tmp_dir) == []
+    return went_direct
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "size"),
+    [
+        (CS, 0),
+        (CS, 1),
+        (CS, 4096 - HEADER_SIZE - CHUNK_OVERHEAD),  # one record filling one block exactly
+        (CS, CS),
+        (CS, CS * 3 + 17),  # one write, at commit
+        (CS, CS * 9 + 17),  # writes of 4 records, each leaving an unaligned end for the next
+        (1000, 50_017),  # records straddling the 4 KiB blocks over and over
+        (1000, 5_000_017),  # and a write (of 4 MiB) before the commit
+    ],
+)
+def test_a_direct_writer_stores_the_same_blob(
+    tmp_path: Path, key: bytes, chunk_size: int, size: int
+) -> None:
+    """A blob written past the page cache (whole blocks, the unaligned end at commit) is
+    byte for byte the format every reader knows: it reads back, verifies, and has the
+    size the layout promises."""
+    vault = Vault(tmp_path / "vault", chunk_size=chunk_size)
+    data = payload(size, seed=size)
+    went_direct = write_direct(vault, "direct01", key, data, piece=65521)
+    assert went_direct == accepts_o_direct(vault.tmp_dir)
+    assert vault.verify("direct01", key).size == size
+    with vault.reader("direct01", key) as reader:
+        assert reader.read() == data
+    store(vault, "buffered", key, data)  # the same bytes through the page cache
+    records = max(1, -(-size // chunk_size))
+    for blob_id in ("direct01", "buffered"):
+        stored_size = blob_file(vault, blob_id).stat().st_size
+        assert stored_size == HEADER_SIZE + records * CHUNK_OVERHEAD + size
+
+
+def test_damage_to_a_direct_written_blob_is_detected(vault: Vault, key: bytes) -> None:
+    """A flipped byte in a block written past the page cache, and the loss of the end
+    written through it (a machine crash before its writeback), fail the tags."""
+    data = payload(CS * 3 + 5000, seed=5)
+    write_direct(vault, "direct02", key, data, piece=1 << 20)
+    path = blob_file(vault, "direct02")
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + STORED_CHUNK + 4096] ^= 0x40  # inside chunk 1
+    path.write_bytes(raw)
+    assert_rejected(vault, "direct02", key, chunk_index=1)
+    raw[HEADER_SIZE + STORED_CHUNK + 4096] ^= 0x40
+    path.write_bytes(raw[: len(raw) - len(raw) % 4096])  # only the whole blocks
+    assert_rejected(vault, "direct02", key)
+
+
+def test_a_direct_writer_falls_back_to_the_page_cache(
+    vault: Vault, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel refuses the O_DIRECT writes (here: blocks of 1000 bytes, which no
+    device takes), the writer goes on through the page cache, nothing written twice."""
+    monkeypatch.setattr("adapters.vault._DIRECT_ALIGN", 1000)
+    data = payload(CS * 5 + 3, seed=6)  # more than one write's worth
+    assert not write_direct(vault, "direct03", key, data, piece=1 << 16)
+    with vault.reader("direct03", key) as reader:
+        assert reader.read() == data
+
+
+def test_a_file_system_without_o_direct_gets_a_buffered_blob(
+    vault: Vault, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file system without direct I/O refuses O_DIRECT with EINVAL (every one here
+    takes it, so the refusal is staged): the blob is written through the page cache."""
+    real = fcntl.fcntl
+
+    def no_direct(fd: int, command: int, arg: int = 0) -> int:
+        if command == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "no O_DIRECT here")
+        return real(fd, command, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", no_direct)
+    data = payload(CS + 9000, seed=7)
+    assert not write_direct(vault, "direct04", key, data, piece=1 << 16)
+    with vault.reader("direct04", key) as reader:
+        assert reader.read() == data
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "size"),
+    [(CS, 0), (CS, 1), (CS, CS), (CS, CS * 9 + 17), (1000, 50_017), (1000, 5_000_017)],
+)
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_sized_writer_seals_as_it_goes_into_the_same_blob(
+    tmp_path: Path, key: bytes, chunk_size: int, size: int, direct: bool
+) -> None:
+    """Told the size up front, the writer seals pieces as they come (no chunk buffer):
+    the blob reads back and verifies like any other, hash and stored size included, and
+    a flipped byte in it fails its chunk's tag."""
+    vault = Vault(tmp_path / "vault", chunk_size=chunk_size)
+    data = payload(size, seed=size + 3)
+    with vault.writer("sized001", key, direct=direct, size=size) as writer:
+        for start in range(0, size, 65521):  # pieces straddling chunks
+            writer.write(data[start : start + 65521])
+        assert writer._filled == 0  # the last chunk sealed with its last byte, not at commit
+    info = vault.verify("sized001", key)
+    assert (info.size, info.sha256) == (size, hashlib.sha256(data).hexdigest())
+    with vault.reader("sized001", key) as reader:
+        assert reader.read() == data
+    records = max(1, -(-size // chunk_size))
+    assert info.stored_size == HEADER_SIZE + records * CHUNK_OVERHEAD + size
+    if size:
+        path = blob_file(vault, "sized001")
+        raw = bytearray(path.read_bytes())
+        middle = size // 2 // chunk_size
+        raw[HEADER_SIZE + middle * (chunk_size + CHUNK_OVERHEAD) + NONCE_SIZE] ^= 1
+        path.write_bytes(raw)
+        assert_rejected(vault, "sized001", key, chunk_index=middle)
+
+
+def test_a_sized_writer_refuses_more_or_fewer_bytes(vault: Vault, key: bytes) -> None:
+    """A byte more than declared is refused as it comes; one fewer fails the commit. Either
+    way nothing is stored, not even a temp file."""
+    data = payload(CS * 2, seed=9)
+    with pytest.raises(ValueError, match="longer"), vault.writer("long0001", key, size=CS * 2) as w:
+        w.write(data)
+        w.write(b"x")
+    with (
+        pytest.raises(ValueError, match="shorter"),
+        vault.writer("short001", key, size=CS * 2) as w,
+    ):
+        w.write(data[:-1])
+    with pytest.raises(ValueError, match="longer"), vault.writer("empty001", key, size=0) as w:
+        w.write(b"x")
+    assert not vault.exists("long0001") and not vault.exists("short001")
+    assert all_files(vault.root) == []
+
+
+def test_writers_reuse_wiped_buffers_and_keep_only_a_few(vault: Vault, key: bytes) -> None:
+    """A finished writer's buffers go to the next one (no fresh megabytes per blob), with
+    no plaintext left in them meanwhile, and only a few pairs are kept."""
+    data = payload(CS + 100, seed=8)
+    store(vault, "reuse001", key, data)
+    [(plain, staging)] = vault._spare
+    assert plain == bytes(CS)
+    with vault.writer("reuse002", key, direct=True) as writer:
+        assert vault._spare == [] and writer._buf is plain and writer._out is staging
+        writer.write(data[::-1])
+    with vault.reader("reuse002", key) as reader:
+        assert reader.read() == data[::-1]
+    writers = [vault.writer(f"many{n:04d}", key) for n in range(6)]
+    for writer in writers[:3]:
+        writer.write(data)
+        writer.commit()
+    for writer in writers[3:]:
+        writer.abort()
+    assert len(vault._spare) == _SPARE_BUFFERS
+    assert all(plain == bytes(CS) for plain, _ in vault._spare)
+
+
+def test_a_failed_write_is_reported_as_itself_with_every_spare_kept(
+    vault: Vault, key: bytes
+) -> None:
+    """A write the kernel refuses (here: past the file size limit, EFBIG) aborts the
+    writer with that error, even when its buffers are one pair too many to keep; no temp
+    file stays, and the next writer works."""
+    spares = [vault._take_buffers() for _ in range(_SPARE_BUFFERS)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    data = payload(CS * 6, seed=10)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (CS, hard))  # Python ignores SIGXFSZ
+        for blob_id, direct, size in (("efbig001", True, None), ("efbig002", False, len(data))):
+            writer = vault.writer(blob_id, key, direct=direct, size=size)  # a new pair
+            for pair in spares:
+                vault._give_back(*pair)  # the pool full again meanwhile
+            with pytest.raises(OSError) as excinfo:
+                writer.write(data)
+            assert excinfo.value.errno == errno.EFBIG
+            assert writer.closed and len(vault._spare) == _SPARE_BUFFERS
+            spares = [vault._take_buffers() for _ in range(_SPARE_BUFFERS)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert all_files(vault.root) == []
+    store(vault, "after001", key, data)
+    with vault.reader("after001", key) as reader:
+        assert reader.read() == data
+
+
 def test_delete_exists_iter_and_cleanup(vault: Vault, key: bytes) -> None:
     ids = ["aa000001", "aa000002", "b-_Z0000", "zz" + "x" * 126]
     for blob_id in ids:
@@ -529,12 +735,15 @@ def test_reader_is_raw_io(vault: Vault, key: bytes) -> None:
     assert r.closed
 
 
-def test_writer_memory_stays_bounded(vault: Vault, key: bytes) -> None:
+@pytest.mark.parametrize("direct", [False, True])
+def test_writer_memory_stays_bounded(vault: Vault, key: bytes, direct: bool) -> None:
+    """Python's allocations stay near one chunk; the staging map holds four records."""
     piece = payload(65536, seed=123)
     total = 64 << 20
     tracemalloc.start()
     try:
-        with vault.writer("bigblob1", key) as w:
+        with vault.writer("bigblob1", key, direct=direct) as w:
+            assert w._out is not None and len(w._out) <= 4096 + 4 * STORED_CHUNK  # not traced
             for _ in range(total // len(piece)):
                 w.write(piece)
                 w.flush()
