@@ -456,6 +456,7 @@ def is_transient(exc: BaseException) -> bool:
 CHAT_WINDOW_S, CHAT_BURST = 3.3, 3
 GROUP_WINDOW_S, GROUP_BURST = 63.0, 20
 GLOBAL_PER_SECOND = 20
+SWEEP_MIN_CHATS = 1024  # the rate limiter forgets quiet chats once it keeps this many
 
 
 class _RateLimiter:
@@ -468,6 +469,7 @@ class _RateLimiter:
         self._global: deque[float] = deque()
         self._next_global = 0.0
         self._window, self._per_window = window, per_window  # the overall count's window
+        self._sweep_at = SWEEP_MIN_CHATS  # see record()
 
     def _chat_delay(self, chat_id: int, now: float) -> float:
         window, limit = (
@@ -511,6 +513,16 @@ class _RateLimiter:
     def record(self, chat_id: int, now: float) -> None:
         self._last.setdefault(chat_id, deque()).append(now)
         self._global.append(now)
+        # A chat's times matter for a window after its last send; without a sweep the
+        # process would keep a few hundred bytes for every chat it ever wrote to. Swept when
+        # the chats kept have doubled since the last sweep: constant work per send.
+        if len(self._last) >= self._sweep_at:
+            self._last = {
+                chat: times
+                for chat, times in self._last.items()
+                if now - times[-1] < GROUP_WINDOW_S  # the longest window
+            }
+            self._sweep_at = max(SWEEP_MIN_CHATS, 2 * len(self._last))
 
     async def hold(self, chat_id: int) -> None:
         """Wait while a send now would go over a window, then count it (see SendGate)."""

@@ -11,7 +11,14 @@ import pytest
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 
-from adapters.telegram import CHAT_BURST, GLOBAL_PER_SECOND, SendGate, _RateLimiter
+from adapters.telegram import (
+    CHAT_BURST,
+    GLOBAL_PER_SECOND,
+    GROUP_WINDOW_S,
+    SWEEP_MIN_CHATS,
+    SendGate,
+    _RateLimiter,
+)
 from tests.emulator import BotApiEmulator
 from tests.harness import GLOBAL_LIMIT, max_per_window, rate_breaches
 
@@ -90,3 +97,19 @@ async def test_turns_given_together_still_leave_within_the_limits() -> None:
         assert rate_breaches(sends) == []
         action = emu.calls_for("sendChatAction")[0].time
         assert action - times[0] < 0.5  # not held behind the messages
+
+
+def test_the_limiter_forgets_chats_whose_windows_are_over() -> None:
+    """Sends to many chats, then time passes beyond the longest window: the limiter keeps
+    only the chats it sent to since, not one entry for every chat it ever wrote to."""
+    limiter = _RateLimiter()
+    for chat in range(3 * SWEEP_MIN_CHATS):
+        limiter.record(chat, 1000.0)
+    assert len(limiter._last) == 3 * SWEEP_MIN_CHATS  # windows still open: all kept
+    for chat in range(CHAT_BURST):
+        limiter.record(-1, 1000.0 + chat)  # a group, the longest window
+    later = 1000.0 + GROUP_WINDOW_S
+    for chat in range(SWEEP_MIN_CHATS):
+        limiter.record(100_000 + chat, later)
+    assert set(limiter._last) <= {-1, *range(100_000, 100_000 + SWEEP_MIN_CHATS)}
+    assert -1 in limiter._last  # its last send is within the group window
