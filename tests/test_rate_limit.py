@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 from aiogram import Bot
@@ -103,9 +103,11 @@ def test_the_limiter_forgets_chats_whose_windows_are_over() -> None:
     """Sends to many chats, then time passes beyond the longest window: the limiter keeps
     only the chats it sent to since, not one entry for every chat it ever wrote to."""
     limiter = _RateLimiter()
+    limiter._last[10**9] = deque()  # a turn cancelled after its old times were dropped
     for chat in range(3 * SWEEP_MIN_CHATS):
         limiter.record(chat, 1000.0)
-    assert len(limiter._last) == 3 * SWEEP_MIN_CHATS  # windows still open: all kept
+    assert len(limiter._last) == 3 * SWEEP_MIN_CHATS  # windows still open: all kept...
+    assert 10**9 not in limiter._last  # ...but the empty one
     for chat in range(CHAT_BURST):
         limiter.record(-1, 1000.0 + chat)  # a group, the longest window
     later = 1000.0 + GROUP_WINDOW_S
