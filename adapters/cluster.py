@@ -42,7 +42,7 @@ its renewal still hangs. Redis back without its data (a restart without persiste
 lease gone at once, not a TTL after its holder's last renewal): no lease is given out until
 a TTL after the data set began (`_TAKE`), so the holders of the lost leases have stopped,
 their sends in flight landed and marked, before anyone takes their chats over. That wait
-also outlasts a chat's rate-limit window (3.3 s), lost with the rest.
+also outlasts a chat's rate-limit window (3.6 s), lost with the rest.
 """
 
 from __future__ import annotations

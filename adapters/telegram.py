@@ -453,7 +453,7 @@ def is_transient(exc: BaseException) -> bool:
 # Telegram's limits are about 1 message/s per chat, 20/min per group and 30/s overall (we
 # promise 25/s). Slots are taken when a send starts; requests reach Telegram a little
 # later and unevenly, so the buckets keep a margin below what they promise.
-CHAT_WINDOW_S, CHAT_BURST = 3.3, 3
+CHAT_WINDOW_S, CHAT_BURST = 3.6, 3
 GROUP_WINDOW_S, GROUP_BURST = 63.0, 20
 GLOBAL_PER_SECOND = 20
 SWEEP_MIN_CHATS = 1024  # the rate limiter forgets quiet chats once it keeps this many
