@@ -35,6 +35,7 @@ def async_url(url: str) -> str:
 # Connections an engine's pool hands out at once (pool_size + max_overflow), on both backends.
 POOL_SIZE, POOL_OVERFLOW = 10, 5
 POOL_CONNECTIONS = POOL_SIZE + POOL_OVERFLOW
+BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's write lock
 
 
 class Gate:
@@ -171,13 +172,37 @@ class InlineCursor(OneTripCursor):
     in about 30% of its samples). Inside a transaction a statement waits for nothing:
     the write transaction took SQLite's write lock at BEGIN IMMEDIATE, a read transaction
     reads a WAL snapshot that writers never block, and the statements here are small and
-    indexed (tens of microseconds). What can wait for a lock or the disk still goes to the
-    thread, one trip each: BEGIN IMMEDIATE (another process may hold the write lock),
-    COMMIT (the fsync of synchronous=FULL, and the WAL checkpoints), rollback, and any
-    other statement outside a transaction (set-up pragmas).
+    indexed (tens of microseconds). BEGIN IMMEDIATE is tried here without waiting (see
+    _began_here). What can wait for a lock or the disk still goes to the thread, one trip
+    each: BEGIN IMMEDIATE when another process holds the write lock, COMMIT (the fsync of
+    synchronous=FULL, and the WAL checkpoints), rollback, and any other statement outside
+    a transaction (set-up pragmas).
     """
 
     __slots__ = ()
+
+    def _began_here(self) -> bool:
+        """BEGIN IMMEDIATE here when the write lock is free this instant (the usual case:
+        this process's writers take turns at the store's gate). A trip would let every
+        ready task on the loop run before the transaction's first statement, the lock
+        held. Taken by another process: False, and the caller waits for it in the thread."""
+        connection = self._connection._connection
+        if (
+            connection is None
+            or connection.in_transaction
+            or self._adapt_connection._execute_mutex.locked()
+        ):
+            return False
+        connection.execute("PRAGMA busy_timeout=0")  # fail at once rather than wait here
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                return False
+            raise
+        finally:
+            connection.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return True
 
     def _inline(self, operation: str) -> sqlite3.Connection | None:
         """The sqlite3 connection when this statement may run here and now, else None."""
@@ -192,6 +217,10 @@ class InlineCursor(OneTripCursor):
         return connection
 
     async def _trip(self, operation: str, parameters: Any, many: bool) -> None:
+        if operation == "BEGIN IMMEDIATE" and self._began_here():
+            self._description, self._rowcount, self._lastrowid = None, -1, None
+            self._rows = collections.deque()
+            return
         connection = self._inline(operation)
         if connection is None:
             await super()._trip(operation, parameters, many)
@@ -271,7 +300,7 @@ def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
         max_overflow=POOL_OVERFLOW,
         # InlineCursor uses the connection from the event loop's thread too, never at the same
         # time as aiosqlite's thread (one statement or trip at a time per connection).
-        connect_args={"timeout": 30, "check_same_thread": False},
+        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -282,7 +311,7 @@ def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
         cursor.execute("PRAGMA journal_mode=WAL")
         # NORMAL can roll back acknowledged commits after a power loss; FULL cannot.
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         if readonly:
             cursor.execute("PRAGMA query_only=ON")  # a write here would be a bug: refuse it

@@ -2,8 +2,8 @@
 
 The write transaction of a text step (ConversationService.handle on the real SQLite store)
 timed with the bot's cursor (adapters.database.InlineCursor: statements inside a
-transaction run on the event loop's thread, only BEGIN IMMEDIATE and COMMIT go to
-aiosqlite's thread), with its predecessor (OneTripCursor: one trip to the thread per
+transaction, and BEGIN IMMEDIATE when the write lock is free, run on the event loop's
+thread; only COMMIT goes to aiosqlite's thread), with its predecessor (OneTripCursor: one trip to the thread per
 statement) and with SQLAlchemy's own aiosqlite cursor (four trips per statement),
 alternating in the same run on the same database. `--busy` tasks keep the event loop busy
 the way other chats' work does under load (each runs 1 ms of CPU, then yields): every trip

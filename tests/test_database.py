@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import SQLModel, col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from adapters.database import create_engine
+from adapters.database import BUSY_TIMEOUT_MS, create_engine
 from adapters.tables import OutboxRow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -71,10 +71,10 @@ async def test_only_what_may_wait_goes_to_the_thread(
     finally:
         for engine in (ours, reader, plain):
             await engine.dispose()
-    # Ours: BEGIN IMMEDIATE and COMMIT; the SELECTs run here, the pool's reset has no
-    # transaction left to roll back. A query-only reader: nothing at all.
+    # Ours: COMMIT only; BEGIN IMMEDIATE (the lock free) and the SELECTs run here, the
+    # pool's reset has no transaction left to roll back. A query-only reader: nothing at all.
     assert counted == {
-        "ours": 2,
+        "ours": 1,
         "reader": 0,
         # SQLAlchemy's own aiosqlite cursor: cursor, execute, fetch and close per SELECT,
         # then COMMIT and the pool's reset.
@@ -109,12 +109,17 @@ async def test_waiting_for_the_write_lock_does_not_stop_the_event_loop(tmp_path:
         assert len(held) >= 10  # ...while the loop went on (a blocked loop ticks once)
         other.execute("COMMIT")
         await asyncio.wait_for(writing, timeout=10)
+        await write()  # the lock free: begun on the loop's thread this time
+        async with AsyncSession(engine) as session:
+            # Tried without waiting, the connection waits for a held lock again afterwards.
+            busy = await session.exec(text("PRAGMA busy_timeout"))
+            assert busy.one() == (BUSY_TIMEOUT_MS,)
     finally:
         ticking.cancel()
         other.close()
         await engine.dispose()
     check = sqlite3.connect(path)
-    assert check.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    assert check.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
     check.close()
 
 
