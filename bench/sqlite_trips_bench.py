@@ -3,12 +3,12 @@
 The write transaction of a text step (ConversationService.handle on the real SQLite store)
 timed with the bot's cursor (adapters.database.InlineCursor: statements inside a
 transaction, and BEGIN IMMEDIATE when the write lock is free, run on the event loop's
-thread; only COMMIT goes to aiosqlite's thread), with its predecessor (OneTripCursor: one trip to the thread per
-statement) and with SQLAlchemy's own aiosqlite cursor (four trips per statement),
-alternating in the same run on the same database. `--busy` tasks keep the event loop busy
-the way other chats' work does under load (each runs 1 ms of CPU, then yields): every trip
-then waits behind them, holding SQLite's only write lock. Prints, per set-up, the time per
-update (p50, p99) and the trips per update, and the ratios.
+thread; only COMMIT goes to aiosqlite's thread), with its predecessor (OneTripCursor: one
+trip to the thread per statement) and with SQLAlchemy's own aiosqlite cursor (four trips per
+statement), alternating in the same run on the same database. `--busy` tasks keep the event
+loop busy the way other chats' work does under load (each runs 1 ms of CPU, then yields):
+every trip then waits behind them, holding SQLite's only write lock. Prints, per set-up, the
+time per update (p50, p99) and the trips per update, and the ratios.
 """
 
 from __future__ import annotations
