@@ -14,6 +14,7 @@ the sweep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -554,6 +555,140 @@ async def test_the_files_travel_as_one_stream_and_another_list_starts_again(
         assert {name: archive.read(name) for name in archive.namelist()} == {
             path.removeprefix("CD/"): data for path, data in contents.items()
         }
+
+
+# Larger than a socket read and than the vault's 4 MiB receive buffers, and not a multiple.
+BIG_PART = 9 * 1024 * 1024 + 4321
+
+
+@pytest.fixture
+async def big_server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
+        bot_token=BOT_TOKEN,
+        coordinator_chat_id=COORDINATOR,
+        upload_part_bytes=BIG_PART,
+    )
+    await asyncio.to_thread(prepare, settings)
+    upload_server = UploadServer(settings, free_port())
+    await upload_server.start()
+    yield upload_server
+    await upload_server.stop()
+
+
+async def raw_put(
+    port: int,
+    path: str,
+    token: str,
+    body: bytes,
+    *,
+    behind: bytes = b"",
+    cut: str | None = None,
+    whole: bool = False,
+) -> bytes:
+    """PUT over a bare connection, as bytes on the wire: the body in 1 MiB writes with
+    pauses (most of it arrives after the handler started), or `whole`: the head, the body
+    and `behind` (a pipelined request) in one write. With `cut` ("reset" or "eof") the
+    connection is cut after half the body. Returns all the server sent until it closed
+    the connection (or, for a kept one, until 2 s of silence)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    try:
+        if whole:
+            writer.write(head + body + behind)
+        else:
+            writer.write(head)
+            end = len(body) // 2 if cut else len(body)
+            for start in range(0, end, 1 << 20):
+                writer.write(body[start : min(start + (1 << 20), end)])
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            if cut == "reset":
+                writer.transport.abort()
+                return b""
+            if cut == "eof":
+                writer.write_eof()
+        await writer.drain()
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while piece := await asyncio.wait_for(reader.read(65536), 2):
+                answer += piece
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_a_large_chunk_is_read_past_the_parser_and_its_connection_closed(
+    big_server: UploadServer,
+) -> None:
+    """A chunk larger than a socket read goes from the connection straight into the vault's
+    buffers: its part holds exactly the bytes sent; the answer closes the connection
+    (`Connection: close`), and a request pipelined behind the body is neither answered nor
+    taken for the chunk's bytes. A chunk the parser read whole keeps its connection. A
+    connection reset or half-closed mid-body stores nothing, leaves no temp file, and the
+    chunk is taken when sent again; the vault's receive buffers hold no plaintext after."""
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    token, headers = link.rsplit("/", 1)[1], bearer(link)
+    api = f"{server.base_url}/upload/api"
+    data = os.urandom(2 * BIG_PART + 1000)  # two large chunks and a small one
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(
+            http, api, headers, [{"path": "CD/IM1", "size": len(data), "modified": 7}]
+        )
+    assert status == 200 and answer["part_size"] == BIG_PART
+    layout = answer["layout"]
+    path = f"/upload/api/chunks/{layout}"
+    status_request = (
+        f"GET /upload/api/status HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    chunk = [data[i * BIG_PART : (i + 1) * BIG_PART] for i in range(3)]
+    upload = await session_of(app, link)
+    uploads = store_of(app)
+
+    async def stored() -> list[int]:
+        return await asyncio.to_thread(uploads.received, upload)
+
+    # Chunk 0: answered, and the connection closed after the answer (read() saw its end).
+    started = time.monotonic()
+    wire = await raw_put(server.port, f"{path}/0", token, chunk[0])
+    assert time.monotonic() - started < 2  # not the 2 s of silence raw_put waits out
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"stored": True, "new": True}
+    # Chunk 1 cut off halfway, by a reset and by a half-close: nothing kept.
+    for cut in ("reset", "eof"):
+        wire = await raw_put(server.port, f"{path}/1", token, chunk[1], cut=cut)
+        assert wire == b""
+        await until(
+            lambda: asyncio.to_thread(lambda: not os.listdir(app.vault.tmp_dir)), 10, "no temp"
+        )
+        assert await stored() == [0]
+    # Chunk 2, short: in the parser's first read, so the connection stays open for more.
+    wire = await raw_put(
+        server.port, f"{path}/2", token, chunk[2], behind=status_request, whole=True
+    )
+    first, _, rest = wire.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()
+    assert b"HTTP/1.1 200 " in rest and b'"state": "open"' in rest  # the status answered
+    async with (
+        aiohttp.ClientSession() as http,  # chunk 1 again, by an ordinary client
+        http.put(f"{api}/chunks/{layout}/1", data=chunk[1], headers=headers) as put,
+    ):
+        assert put.status == 200 and await put.json() == {"stored": True, "new": True}
+    assert await stored() == [0, 1, 2]
+    [unit] = plan_handover(upload.files)
+    zipped = b"".join(uploads.unit_pieces(upload, unit))
+    with zipfile.ZipFile(io.BytesIO(zipped)) as archive:
+        assert archive.read("IM1") == data
+    assert app.vault._spare_receive
+    assert all(buffer[:] == bytes(len(buffer)) for buffer in app.vault._spare_receive)
 
 
 async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(
