@@ -350,13 +350,14 @@ class _DirectBody(asyncio.BufferedProtocol):
     @staticmethod
     def suits(request: web.Request) -> bool:
         """Whether the body can be read past the parser: a plain TCP (or Unix) connection,
-        the body as sent (no Content-Encoding for aiohttp to undo)."""
+        the body as sent (no Content-Encoding for aiohttp to undo, no chunked framing)."""
         transport = request.transport
         return (
             transport is not None
             and not transport.is_closing()
             and transport.get_extra_info("sslcontext") is None
             and request.headers.get("Content-Encoding", "identity").lower() == "identity"
+            and "Transfer-Encoding" not in request.headers  # (the parser refuses it anyway)
         )
 
     async def readinto(self, buffer: memoryview) -> int:

@@ -586,16 +586,18 @@ async def raw_put(
     behind: bytes = b"",
     cut: str | None = None,
     whole: bool = False,
+    extra: str = "",
 ) -> bytes:
     """PUT over a bare connection, as bytes on the wire: the body in 1 MiB writes with
     pauses (most of it arrives after the handler started), or `whole`: the head, the body
     and `behind` (a pipelined request) in one write. With `cut` ("reset" or "eof") the
-    connection is cut after half the body. Returns all the server sent until it closed
-    the connection (or, for a kept one, until 2 s of silence)."""
+    connection is cut after half the body. `extra`: more header lines. Returns all the
+    server sent until it closed the connection (or, for a kept one, until 2 s of
+    silence)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
         f"PUT {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
     ).encode()
     try:
         if whole:
@@ -662,6 +664,11 @@ async def test_a_large_chunk_is_read_past_the_parser_and_its_connection_closed(
     head, _, body = wire.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
     assert json.loads(body) == {"stored": True, "new": True}
+    # Chunk 1 with chunked framing too (its bytes are not the chunk's): refused, not read.
+    chunked = b"5\r\nhello\r\n0\r\n\r\n"
+    extra = "Transfer-Encoding: chunked\r\n"
+    wire = await raw_put(server.port, f"{path}/1", token, chunked, extra=extra, whole=True)
+    assert wire.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))  # by the parser
     # Chunk 1 cut off halfway, by a reset and by a half-close: nothing kept.
     for cut in ("reset", "eof"):
         wire = await raw_put(server.port, f"{path}/1", token, chunk[1], cut=cut)
