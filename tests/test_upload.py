@@ -114,16 +114,26 @@ class UploadServer:
         self.delay = 0.0
         self.chunk_puts = 0
         self.put_paths: list[str] = []
+        self.puts_now = self.puts_at_once = 0  # chunk requests in the handler, the most
+        self.closing_puts = 0  # answers that close their connection
 
     @web.middleware
     async def _slow_chunks(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.method == "PUT":
-            self.chunk_puts += 1
-            self.put_paths.append(request.path)
+        if request.method != "PUT":
+            return await handler(request)
+        self.chunk_puts += 1
+        self.put_paths.append(request.path)
+        self.puts_now += 1
+        self.puts_at_once = max(self.puts_at_once, self.puts_now)
+        try:
             await asyncio.sleep(self.delay)
-        return await handler(request)
+            response = await handler(request)
+            self.closing_puts += response.keep_alive is False
+            return response
+        finally:
+            self.puts_now -= 1
 
     async def start(self) -> App:
         self.app = open_app(self.settings)
@@ -696,6 +706,53 @@ async def test_a_large_chunk_is_read_past_the_parser_and_its_connection_closed(
         assert archive.read("IM1") == data
     assert app.vault._spare_receive
     assert all(buffer[:] == bytes(len(buffer)) for buffer in app.vault._spare_receive)
+
+
+async def test_the_page_sends_large_chunks_at_once_on_connections_closed_after_each(
+    big_server: UploadServer, tmp_path: Path
+) -> None:
+    """The real page with chunks larger than a socket read: each chunk's connection is
+    closed after its answer, and Chromium still sends them several at once (each on a new
+    connection), the folder reaching the case exactly."""
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    template = dcmread(str(get_testdata_file("CT_small.dcm")))
+    template.Rows, template.Columns = 1024, 4096 // 2  # 4 MiB of 16-bit pixels
+    study = generate_uid()
+    (tmp_path / "CD" / "DICOM").mkdir(parents=True)
+    sent = []
+    for number in range(10):  # 40 MiB: 5 chunks
+        dataset = copy.deepcopy(template)
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.StudyInstanceUID, dataset.InstanceNumber = study, number + 1
+        dataset.PixelData = os.urandom(4 * 1024 * 1024)
+        path = tmp_path / "CD" / "DICOM" / f"IM{number:05d}"
+        dataset.save_as(path, enforce_file_format=True)
+        sent.append(path)
+    server.delay = 0.05  # the first answers come after the others were sent
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        page = await browser.new_page(locale="en-US")
+        try:
+            await page.goto(link)
+            await page.wait_for_selector("body[data-state=ready]")
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+            await page.wait_for_selector("body[data-state=complete]", timeout=120_000)
+        finally:
+            await browser.close()
+    assert (server.chunk_puts, server.closing_puts) == (5, 5) and server.puts_at_once >= 2
+    async with app.store.reader() as session:
+        [file] = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+    key = app.store.keys.case_key(case_id, (await _wrapped(app, case_id)))
+    with app.vault.reader(file.blob_id, key) as reader, zipfile.ZipFile(reader) as archive:
+        assert sorted(archive.namelist()) == [f"DICOM/{path.name}" for path in sent]
+        for path in sent:
+            assert archive.read(f"DICOM/{path.name}") == path.read_bytes()
 
 
 async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(
