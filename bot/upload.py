@@ -20,7 +20,9 @@ Routes (relative to the mount point)::
     POST api/files                      the picked files; answers the stream's layout (each
                                         file's offset, the part size) and the chunks stored
     PUT  api/chunks/<layout>/<n>        chunk n of the stream (the files one after the
-                                        other): exactly the part size (the last shorter)
+                                        other): exactly the part size (the last shorter);
+                                        read past aiohttp's parser into the vault's
+                                        buffers, then its connection closes (_DirectBody)
     POST api/finish                     every chunk is in: hand the files to the intake
                                         (or, if a stored chunk was found damaged, the
                                         chunks to send again: state "open", "missing")
