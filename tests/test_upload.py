@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gzip
 import hashlib
 import hmac
 import io
@@ -753,6 +754,42 @@ async def test_the_page_sends_large_chunks_at_once_on_connections_closed_after_e
         assert sorted(archive.namelist()) == [f"DICOM/{path.name}" for path in sent]
         for path in sent:
             assert archive.read(f"DICOM/{path.name}") == path.read_bytes()
+
+
+async def test_an_encoded_chunk_is_read_through_the_parser_and_checked_decoded(
+    big_server: UploadServer,
+) -> None:
+    """A large chunk sent gzip-encoded is not read past aiohttp's parser (whose decoding it
+    needs): its decoded length is what must be the chunk's, and here it is not (the gzip
+    framing makes the encoded body exactly a chunk long): refused, nothing stored. The
+    same length unencoded is taken."""
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    data = os.urandom(BIG_PART)
+    size = BIG_PART
+    while len(encoded := gzip.compress(data[:size], compresslevel=0, mtime=0)) != BIG_PART:
+        size -= len(encoded) - BIG_PART  # stored blocks: the framing grows with the size
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(
+            http, api, headers, [{"path": "scan.dcm", "size": BIG_PART, "modified": 1}]
+        )
+        assert status == 200
+        url = f"{api}/chunks/{answer['layout']}/0"
+        gzipped = {**headers, "Content-Encoding": "gzip"}
+        # Read past the parser, the decoded bytes it already held would be miscounted and
+        # the answer never come: a time limit makes that a failure, not a hang.
+        async with asyncio.timeout(30), http.put(url, data=encoded, headers=gzipped) as response:
+            assert response.status == 400
+        upload = await session_of(app, link)
+        assert await asyncio.to_thread(store_of(app).received, upload) == []
+        async with http.put(url, data=data, headers=headers) as response:
+            assert response.status == 200
+    assert await asyncio.to_thread(store_of(app).received, upload) == [0]
+    [unit] = plan_handover(upload.files)
+    assert b"".join(store_of(app).unit_pieces(upload, unit)) == data
 
 
 async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(
