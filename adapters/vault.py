@@ -417,13 +417,16 @@ class Vault:
         writer: BlobWriter, last: memoryview, buffers: list[mmap.mmap], offered: list[int]
     ) -> BlobInfo:
         """write_from's last piece and commit, then its buffers wiped (in the worker thread:
-        8 MiB of memset off the event loop)."""
-        try:
-            return writer.commit_after([last])
-        finally:
+        8 MiB of memset off the event loop). All under the writer's lock: an abort() from a
+        cancelled write_from waits for the wiping too, so the buffers are never wiped once
+        they may be another blob's (and if the abort comes first, nothing here reads or
+        wipes them: the commit finds the writer aborted)."""
+        with writer._lock:
+            info = writer.commit_after([last])
             for index, buffer in enumerate(buffers):
                 _wipe(buffer, offered[index])
                 offered[index] = 0
+            return info
 
     # ----------------------------------------------------------------- reading
 
