@@ -48,10 +48,10 @@ import re
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import update
 from sqlmodel import col, func, select
@@ -105,6 +105,16 @@ class UploadRefused(Exception):  # a refusal shown to the patient, not a fault
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.locale = locale
+
+
+class ChunkBody(Protocol):
+    """A chunk's request body, read into the caller's buffers (see bot.upload)."""
+
+    async def readinto(self, buffer: memoryview) -> int:
+        """Put the body's next bytes at the start of `buffer` and return how many (at least
+        one, at most len(buffer)); 0 once the body has ended. UploadRefused if the body
+        is longer than the request declared."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -547,7 +557,7 @@ class UploadStore:
                 self._trusted.popitem(last=False)
 
     async def write_chunk(
-        self, upload: UploadSession, layout: int, index: int, body: AsyncIterator[bytes]
+        self, upload: UploadSession, layout: int, index: int, body: ChunkBody
     ) -> bool:
         """Stream one chunk into its own encrypted blob, in place (not fsynced, see the
         module's docstring) when this returns.
@@ -566,31 +576,33 @@ class UploadStore:
         if await asyncio.to_thread(self._check_part, upload, index):
             return False
         expected = upload.chunk_length(index)
+        received = 0
 
-        async def exactly() -> AsyncIterator[bytes]:
+        async def exactly(buffer: memoryview) -> int:
             # Raising here, inside the stream, makes the vault discard the partial blob.
-            received = 0
-            async for piece in body:
-                received += len(piece)
-                if received > expected:
-                    raise UploadRefused("bad_request", "chunk too long")
-                yield piece
-            if received != expected:
+            nonlocal received
+            count = await body.readinto(buffer)
+            received += count
+            if not count:
                 raise UploadRefused("bad_request", "chunk too short")
+            if received == expected and await body.readinto(memoryview(bytearray(1))):
+                raise UploadRefused("bad_request", "chunk too long")
+            return count
 
         try:
             # No digest: nobody reads a part's hash; the intake hashes the files it is given.
             # Not durable: see the module's docstring. Direct: past the page cache, whose
             # fresh pages cost more CPU than the rest of storing a chunk; a part is read
-            # once, at the hand-over. Sized: sealed as the pieces arrive, with no copy.
-            await self._vault.write_stream(
+            # once, at the hand-over. Received into the vault's own reused buffers, and
+            # sealed from there in a worker thread while the next buffer fills.
+            await self._vault.write_from(
                 blob_id,
                 upload.key,
-                exactly(),
+                exactly,
+                expected,
                 digest=False,
                 durable=False,
                 direct=True,
-                size=expected,
             )
         except FileExistsError:
             return False  # the same chunk arrived twice at once; one copy won (and is trusted)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -54,7 +55,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -112,6 +113,11 @@ _WRITE_BYTES = 4 << 20
 # upload page sends 3 chunks at once): a new megabyte is fresh memory to fault in and
 # zero, which cost as much as encrypting it.
 _SPARE_BUFFERS = 4
+# write_from receives into buffers of this size, two per blob (one filled while the other
+# is sealed in a worker thread): one thread hop per 4 MiB, and memory the caller's stream
+# fills directly, never a fresh allocation per piece.
+_RECEIVE_BYTES = 4 << 20
+_SPARE_RECEIVE = 8  # receive buffers kept for the next blobs: the page's 3 chunks at once
 
 _BLOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{8,128}")
 _DIR_MODE = 0o700
@@ -167,6 +173,13 @@ def validate_blob_id(blob_id: str) -> str:
     return blob_id
 
 
+def _wipe(buffer: bytearray | mmap.mmap, length: int | None = None) -> None:
+    """Zero the start of a writable buffer in place (no zeroed copy allocated for it)."""
+    length = len(buffer) if length is None else length
+    if length:
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(buffer)), 0, length)
+
+
 def _check_key(key: bytes) -> None:
     # AESGCM also accepts 16/24-byte keys; refusing them catches a mixed-up key early.
     if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
@@ -202,6 +215,7 @@ class Vault:
         for directory in (self.root, self.blobs_dir, self.tmp_dir):
             directory.mkdir(mode=_DIR_MODE, exist_ok=True)
         self._spare: list[tuple[bytearray, mmap.mmap]] = []
+        self._spare_receive: list[mmap.mmap] = []
         self._spare_lock = threading.Lock()
 
     def _take_buffers(self) -> tuple[bytearray, mmap.mmap]:
@@ -214,15 +228,32 @@ class Vault:
         staging = _DIRECT_ALIGN + max(1, _WRITE_BYTES // record) * record
         return bytearray(self.chunk_size), mmap.mmap(-1, staging)
 
-    def _give_back(self, plain: bytearray, staging: mmap.mmap) -> None:
-        """Keep a finished writer's buffers for the next, the plaintext wiped first. Beyond
-        _SPARE_BUFFERS they are dropped, not closed: a view of the map may still live in
-        the traceback of the error that aborted the writer (close() would raise over it),
+    def _give_back(self, plain: bytearray, staging: mmap.mmap, used: bool = True) -> None:
+        """Keep a finished writer's buffers for the next, the plaintext wiped first (unless
+        the writer never `used` it: a sized writer seals straight from what it is given).
+        Beyond _SPARE_BUFFERS they are dropped, not closed: a view of the map may still live
+        in the traceback of the error that aborted the writer (close() would raise over it),
         and the map goes with the last reference."""
-        plain[:] = bytes(len(plain))
+        if used:
+            _wipe(plain)
         with self._spare_lock:
             if len(self._spare) < _SPARE_BUFFERS:
                 self._spare.append((plain, staging))
+
+    def _take_receive(self) -> mmap.mmap:
+        """A buffer for write_from to receive plaintext into (page-aligned, reused)."""
+        with self._spare_lock:
+            if self._spare_receive:
+                return self._spare_receive.pop()
+        return mmap.mmap(-1, _RECEIVE_BYTES)
+
+    def _give_back_receive(self, buffer: mmap.mmap, filled: int) -> None:
+        """Keep a receive buffer for the next blob, its first `filled` bytes (plaintext)
+        wiped; beyond _SPARE_RECEIVE dropped (not closed, as in _give_back)."""
+        _wipe(buffer, filled)
+        with self._spare_lock:
+            if len(self._spare_receive) < _SPARE_RECEIVE:
+                self._spare_receive.append(buffer)
 
     # ----------------------------------------------------------------- paths
 
@@ -308,6 +339,94 @@ class Vault:
             # instead of closing the descriptor under it.
             await asyncio.shield(asyncio.to_thread(writer.abort))
             raise
+
+    async def write_from(
+        self,
+        blob_id: str,
+        key: bytes,
+        readinto: Callable[[memoryview], Awaitable[int]],
+        size: int,
+        *,
+        digest: bool = True,
+        durable: bool = True,
+        direct: bool = False,
+    ) -> BlobInfo:
+        """Receive exactly `size` plaintext bytes into a new blob and commit it, the bytes
+        written by the caller straight into buffers this vault reuses.
+
+        `readinto(view)` puts the stream's next bytes at the start of `view` and returns
+        how many (fewer than asked is fine; 0 means the stream ended: ValueError, as for a
+        sized writer given too few bytes). It must not touch `view` once it has returned
+        or been cancelled. Two buffers of 4 MiB: while the caller fills one, a worker
+        thread seals and writes the other (as :meth:`write_stream` does with its batches),
+        so the event loop only receives, and a network stream costs no allocation per
+        piece and no copy but the one into the buffer. Each buffer is wiped before another
+        blob uses it. On any error or cancellation the temporary file is removed (after the
+        worker thread is done with the buffers). ``digest``, ``durable`` and ``direct`` are
+        as for :meth:`writer`.
+        """
+        writer = await asyncio.to_thread(
+            self.writer, blob_id, key, digest=digest, durable=durable, direct=direct, size=size
+        )
+        buffers = [self._take_receive(), self._take_receive()]
+        offered = [0, 0]  # bytes of each buffer handed to readinto: plaintext, to wipe
+        storing: asyncio.Task[int] | None = None
+        idle = False  # no worker thread reads the buffers any more: they may be reused
+        try:
+            received, turn = 0, 0
+            while True:
+                index, turn = turn, turn ^ 1
+                want = min(len(buffers[index]), size - received)
+                # Not released here (no `with`): the worker thread may still read it.
+                view = memoryview(buffers[index])[:want]
+                offered[index] = max(offered[index], want)
+                at = 0
+                while at < want:
+                    count = await readinto(view[at:])
+                    if count <= 0:
+                        raise ValueError(f"blob {blob_id} is shorter than its declared size")
+                    at += count
+                received += want
+                if storing is not None:
+                    await storing  # the other buffer is free again
+                if received == size:
+                    # The last piece, the commit and the wiping in one thread hop.
+                    storing = None
+                    info = await asyncio.to_thread(
+                        self._commit_and_wipe, writer, view, buffers, offered
+                    )
+                    idle = True
+                    return info
+                storing = asyncio.ensure_future(asyncio.to_thread(writer.write, view))
+        except BaseException:
+            if storing is not None:
+                storing.cancel()  # its thread runs on; abort() below waits for it
+            # Shielded so a second cancellation cannot skip the cleanup; abort() takes the
+            # writer lock, so once it returns no thread reads the buffers (a write that
+            # starts later finds the writer aborted before it reads).
+            await asyncio.shield(asyncio.to_thread(writer.abort))
+            idle = True
+            raise
+        finally:
+            if idle:  # else (cancelled again while aborting) they go with their references
+                for buffer, used in zip(buffers, offered, strict=True):
+                    self._give_back_receive(buffer, used)
+
+    @staticmethod
+    def _commit_and_wipe(
+        writer: BlobWriter, last: memoryview, buffers: list[mmap.mmap], offered: list[int]
+    ) -> BlobInfo:
+        """write_from's last piece and commit, then its buffers wiped (in the worker thread:
+        8 MiB of memset off the event loop). All under the writer's lock: an abort() from a
+        cancelled write_from waits for the wiping too, so the buffers are never wiped once
+        they may be another blob's (and if the abort comes first, nothing here reads or
+        wipes them: the commit finds the writer aborted)."""
+        with writer._lock:
+            info = writer.commit_after([last])
+            for index, buffer in enumerate(buffers):
+                _wipe(buffer, offered[index])
+                offered[index] = 0
+            return info
 
     # ----------------------------------------------------------------- reading
 
@@ -688,10 +807,25 @@ class BlobWriter:
                 raise ValueError(f"blob {self.blob_id} is longer than its declared size")
             nonce = self._next_nonce()
             final = self._size + length == self._expected
+            aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
+            if len(view) >= length:
+                # The whole chunk at hand (Vault.write_from's buffers hold whole chunks):
+                # sealed in one call, as _emit_buffer does; the same record.
+                piece = view[:length]
+                if self._sha is not None:
+                    self._sha.update(piece)
+                stored = NONCE_SIZE + length + TAG_SIZE
+                with memoryview(self._out) as out:
+                    sealed = out[self._pending : self._pending + stored]
+                    sealed[:NONCE_SIZE] = nonce
+                    self._aead.encrypt_into(nonce, piece, aad, sealed[NONCE_SIZE:])
+                    sealed.release()
+                piece.release()
+                self._filled = length
+                self._sealed(final)
+                return length
             self._sealer = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
-            self._sealer.authenticate_additional_data(
-                self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
-            )
+            self._sealer.authenticate_additional_data(aad)
             self._out[self._pending : self._pending + NONCE_SIZE] = nonce
         take = min(length - self._filled, len(view))
         piece = view[:take]
@@ -800,7 +934,7 @@ class BlobWriter:
 
     def _release_buffer(self) -> None:
         if self._out is not None:
-            self._vault._give_back(self._buf, self._out)
+            self._vault._give_back(self._buf, self._out, used=self._expected is None)
         self._buf, self._out = bytearray(), None
         self._filled = self._pending = 0
 

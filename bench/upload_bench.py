@@ -295,8 +295,11 @@ def protocol_upload(
     files: list[dict[str, Any]], bodies: list[tuple[str, Path]], api: str, token: str | None
 ) -> float:
     """The page's protocol, sent by curl: declare the files, then PUT every chunk, PARALLEL
-    at a time (one curl, --parallel). With a token (the real endpoint), the answer to the
-    declaration must be the layout the chunks were cut for."""
+    at a time (one curl, --parallel), each on a connection of its own as a browser opens
+    them (--parallel-immediate: without it curl waits for a connection it could reuse,
+    which a chunk's connection closed after its answer never is, so it sent the chunks one
+    at a time). With a token (the real endpoint), the answer to the declaration must be
+    the layout the chunks were cut for."""
     from adapters.uploads import PART_SIZE
 
     auth = ["-H", f"Authorization: Bearer {token}"] if token else []
@@ -325,7 +328,9 @@ def protocol_upload(
             layout = json.loads(answer.read_text())
             if (layout["layout"], layout["part_size"]) != (FIRST_LAYOUT, PART_SIZE):
                 raise SystemExit(f"unexpected layout {layout['layout']}, {layout['part_size']}")
-        curl("-Z", "--parallel-max", str(PARALLEL), *auth, "-K", str(config))
+        curl(
+            "-Z", "--parallel-immediate", "--parallel-max", str(PARALLEL), *auth, "-K", str(config)
+        )
         return time.perf_counter() - started
     finally:
         config.unlink()

@@ -20,7 +20,9 @@ Routes (relative to the mount point)::
     POST api/files                      the picked files; answers the stream's layout (each
                                         file's offset, the part size) and the chunks stored
     PUT  api/chunks/<layout>/<n>        chunk n of the stream (the files one after the
-                                        other): exactly the part size (the last shorter)
+                                        other): exactly the part size (the last shorter);
+                                        read past aiohttp's parser into the vault's
+                                        buffers, then its connection closes (_DirectBody)
     POST api/finish                     every chunk is in: hand the files to the intake
                                         (or, if a stored chunk was found damaged, the
                                         chunks to send again: state "open", "missing")
@@ -273,12 +275,170 @@ async def _read_json(request: web.Request) -> Any:
         raise UploadRefused("bad_request", "body") from None
 
 
-async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request's body in the pieces the HTTP parser made of it (up to a socket read
-    each), as they are: gathering them into larger pieces (`iter_chunked`) would copy every
-    byte once more on the event loop, which all requests share."""
-    async for piece, _ in request.content.iter_chunks():
-        yield piece
+# A request whose body was read past aiohttp's parser (_DirectBody): its connection closes
+# after the answer, whatever the answer.
+_DIRECT = web.RequestKey("upload.direct_body", bool)
+
+
+class _ParsedBody:
+    """A chunk's body as aiohttp's parser hands it over (`request.content`), copied into the
+    caller's buffers: what _DirectBody cannot take (an encoded body, a TLS transport...)."""
+
+    def __init__(self, request: web.Request, length: int) -> None:
+        self._content = request.content
+        self._length = length
+        self._seen = 0
+        self._piece = memoryview(b"")
+
+    async def readinto(self, buffer: memoryview) -> int:
+        if not self._piece:
+            piece = await self._content.readany()
+            self._seen += len(piece)
+            if self._seen > self._length:
+                raise UploadRefused("bad_request", "chunk too long")
+            self._piece = memoryview(piece)
+        count = min(len(buffer), len(self._piece))
+        buffer[:count] = self._piece[:count]
+        self._piece = self._piece[count:]
+        return count
+
+
+class _DirectBody(asyncio.BufferedProtocol):
+    """A chunk's body read from the connection straight into the caller's buffers.
+
+    aiohttp reads a connection 256 KiB at a time into a new bytes object, and its parser
+    copies the body out of that into another: two fresh allocations per piece, which glibc
+    hands back to the kernel and faults in again, and a pass of Python per piece on the
+    event loop that every request shares (bench/upload_bench.py: the loop was the
+    bottleneck). For the rest of the body this is the connection's protocol instead (the
+    transport calls `get_buffer`, then `recv_into` the caller's buffer): the kernel's copy
+    is the only one. It never reads past the declared length, so nothing of a request
+    that may follow is taken; but aiohttp's parser still counts the body as unread, so the
+    connection is closed after the answer (`Connection: close`, see _UploadServer.guard),
+    and aiohttp ignores whatever the client sends meanwhile. What the parser had already
+    read of the body is taken from `request.content` first; a body it read whole needs no
+    taking over, and keeps the connection."""
+
+    def __init__(self, request: web.Request, length: int) -> None:
+        self._request = request
+        self._length = length
+        self._ready: list[bytes] | None = None  # what the parser read: None until taken
+        self._left = 0  # body bytes still in the connection
+        self._target: memoryview | None = None
+        self._filled = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._transport: Any = None
+        self._handler: Any = None
+
+    def _take(self) -> list[bytes]:
+        """At the first read: what the parser has read of the body, and the connection for
+        the rest (unless the parser read it all)."""
+        request = self._request
+        ready = []
+        while piece := request.content.read_nowait():
+            ready.append(piece)
+        self._left = self._length - sum(map(len, ready))
+        if self._left > 0 and not request.content.is_eof():
+            transport = request.transport
+            assert transport is not None  # suits() checked
+            request.protocol.close()  # no further request on this connection: ignore it
+            request[_DIRECT] = True
+            self._transport, self._handler = transport, transport.get_protocol()
+            transport.pause_reading()
+            transport.set_protocol(self)
+        return ready
+
+    @staticmethod
+    def suits(request: web.Request) -> bool:
+        """Whether the body can be read past the parser: a plain TCP (or Unix) connection,
+        the body as sent (no Content-Encoding for aiohttp to undo, no chunked framing)."""
+        transport = request.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and transport.get_extra_info("sslcontext") is None
+            and request.headers.get("Content-Encoding", "identity").lower() == "identity"
+            and "Transfer-Encoding" not in request.headers  # (the parser refuses it anyway)
+        )
+
+    async def readinto(self, buffer: memoryview) -> int:
+        if self._ready is None:
+            self._ready = self._take()
+        if self._ready:
+            piece = self._ready[0]
+            count = min(len(buffer), len(piece))
+            buffer[:count] = piece[:count]
+            if count == len(piece):
+                self._ready.pop(0)
+            else:
+                self._ready[0] = piece[count:]
+            return count
+        if self._error is not None:
+            raise self._error
+        if self._transport is None or self._left <= 0:
+            return 0
+        self._target, self._filled = buffer[: self._left], 0
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            self._transport.resume_reading()
+            await self._waiter
+            return self._filled
+        finally:
+            # Never again into this buffer: it goes back to the vault for other blobs.
+            self._target = self._waiter = None
+            if self._error is None:
+                self._transport.pause_reading()
+
+    def close(self) -> None:
+        """Give the connection back to aiohttp (to notice the client close it) once the body
+        is read or its reading failed."""
+        if self._transport is None:
+            return
+        transport, self._transport = self._transport, None
+        if self._error is None:  # else the connection is gone (connection_lost tells aiohttp)
+            transport.set_protocol(self._handler)
+            transport.resume_reading()
+        self._request.content.feed_eof()  # read here: aiohttp need not wait for it
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is None:  # reading is paused whenever there is no target
+            raise RuntimeError("upload body read with no buffer to read into")
+        return self._target[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._target is not None
+        self._filled += nbytes
+        self._left -= nbytes
+        if self._filled == len(self._target):
+            self._transport.pause_reading()
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._fail(ConnectionResetError("the client closed the connection mid-body"))
+        return None  # the transport closes
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._fail(ConnectionResetError("connection lost mid-body"))
+        self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._handler.resume_writing()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(self._error)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 def _no_constant(name: str) -> Any:
@@ -356,6 +516,8 @@ class _UploadServer:
             log.exception("upload request failed route=%s", route)
             response = _refusal("failed", 500)
         _protect(response, in_telegram=route == "app")
+        if request.get(_DIRECT):
+            response.force_close()  # the parser never saw the body: see _DirectBody
         return response
 
     async def _authorise(self, request: web.Request, complete_ok: bool = False) -> UploadSession:
@@ -451,7 +613,16 @@ class _UploadServer:
         # The declared length must be exact: no chunked bodies, nothing beyond one chunk.
         if layout == upload.layout and request.content_length != upload.chunk_length(index):
             raise UploadRefused("bad_request", "length")
-        stored = await self.uploads.write_chunk(upload, layout, index, _body(request))
+        length = upload.chunk_length(index) if layout == upload.layout else 0
+        if length and _DirectBody.suits(request):
+            body = _DirectBody(request, length)
+            try:
+                stored = await self.uploads.write_chunk(upload, layout, index, body)
+            finally:
+                body.close()
+        else:
+            parsed = _ParsedBody(request, request.content_length or 0)
+            stored = await self.uploads.write_chunk(upload, layout, index, parsed)
         return web.json_response({"stored": True, "new": stored})
 
     async def finish(self, request: web.Request) -> web.Response:

@@ -14,7 +14,9 @@ the sweep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import gzip
 import hashlib
 import hmac
 import io
@@ -113,16 +115,26 @@ class UploadServer:
         self.delay = 0.0
         self.chunk_puts = 0
         self.put_paths: list[str] = []
+        self.puts_now = self.puts_at_once = 0  # chunk requests in the handler, the most
+        self.closing_puts = 0  # answers that close their connection
 
     @web.middleware
     async def _slow_chunks(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.method == "PUT":
-            self.chunk_puts += 1
-            self.put_paths.append(request.path)
+        if request.method != "PUT":
+            return await handler(request)
+        self.chunk_puts += 1
+        self.put_paths.append(request.path)
+        self.puts_now += 1
+        self.puts_at_once = max(self.puts_at_once, self.puts_now)
+        try:
             await asyncio.sleep(self.delay)
-        return await handler(request)
+            response = await handler(request)
+            self.closing_puts += response.keep_alive is False
+            return response
+        finally:
+            self.puts_now -= 1
 
     async def start(self) -> App:
         self.app = open_app(self.settings)
@@ -554,6 +566,230 @@ async def test_the_files_travel_as_one_stream_and_another_list_starts_again(
         assert {name: archive.read(name) for name in archive.namelist()} == {
             path.removeprefix("CD/"): data for path, data in contents.items()
         }
+
+
+# Larger than a socket read and than the vault's 4 MiB receive buffers, and not a multiple.
+BIG_PART = 9 * 1024 * 1024 + 4321
+
+
+@pytest.fixture
+async def big_server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
+        bot_token=BOT_TOKEN,
+        coordinator_chat_id=COORDINATOR,
+        upload_part_bytes=BIG_PART,
+    )
+    await asyncio.to_thread(prepare, settings)
+    upload_server = UploadServer(settings, free_port())
+    await upload_server.start()
+    yield upload_server
+    await upload_server.stop()
+
+
+async def raw_put(
+    port: int,
+    path: str,
+    token: str,
+    body: bytes,
+    *,
+    behind: bytes = b"",
+    cut: str | None = None,
+    whole: bool = False,
+    extra: str = "",
+) -> bytes:
+    """PUT over a bare connection, as bytes on the wire: the body in 1 MiB writes with
+    pauses (most of it arrives after the handler started), or `whole`: the head, the body
+    and `behind` (a pipelined request) in one write. With `cut` ("reset" or "eof") the
+    connection is cut after half the body. `extra`: more header lines. Returns all the
+    server sent until it closed the connection (or, for a kept one, until 2 s of
+    silence)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"PUT {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode()
+    try:
+        if whole:
+            writer.write(head + body + behind)
+        else:
+            writer.write(head)
+            end = len(body) // 2 if cut else len(body)
+            for start in range(0, end, 1 << 20):
+                writer.write(body[start : min(start + (1 << 20), end)])
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            if cut == "reset":
+                writer.transport.abort()
+                return b""
+            if cut == "eof":
+                writer.write_eof()
+        await writer.drain()
+        answer = b""
+        with contextlib.suppress(TimeoutError):
+            while piece := await asyncio.wait_for(reader.read(65536), 2):
+                answer += piece
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_a_large_chunk_is_read_past_the_parser_and_its_connection_closed(
+    big_server: UploadServer,
+) -> None:
+    """A chunk larger than a socket read goes from the connection straight into the vault's
+    buffers: its part holds exactly the bytes sent; the answer closes the connection
+    (`Connection: close`), and a request pipelined behind the body is neither answered nor
+    taken for the chunk's bytes. A chunk the parser read whole keeps its connection. A
+    connection reset or half-closed mid-body stores nothing, leaves no temp file, and the
+    chunk is taken when sent again; the vault's receive buffers hold no plaintext after."""
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    token, headers = link.rsplit("/", 1)[1], bearer(link)
+    api = f"{server.base_url}/upload/api"
+    data = os.urandom(2 * BIG_PART + 1000)  # two large chunks and a small one
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(
+            http, api, headers, [{"path": "CD/IM1", "size": len(data), "modified": 7}]
+        )
+    assert status == 200 and answer["part_size"] == BIG_PART
+    layout = answer["layout"]
+    path = f"/upload/api/chunks/{layout}"
+    status_request = (
+        f"GET /upload/api/status HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    chunk = [data[i * BIG_PART : (i + 1) * BIG_PART] for i in range(3)]
+    upload = await session_of(app, link)
+    uploads = store_of(app)
+
+    async def stored() -> list[int]:
+        return await asyncio.to_thread(uploads.received, upload)
+
+    # Chunk 0: answered, and the connection closed after the answer (read() saw its end).
+    started = time.monotonic()
+    wire = await raw_put(server.port, f"{path}/0", token, chunk[0])
+    assert time.monotonic() - started < 2  # not the 2 s of silence raw_put waits out
+    head, _, body = wire.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"stored": True, "new": True}
+    # Chunk 1 with chunked framing too (its bytes are not the chunk's): refused, not read.
+    chunked = b"5\r\nhello\r\n0\r\n\r\n"
+    extra = "Transfer-Encoding: chunked\r\n"
+    wire = await raw_put(server.port, f"{path}/1", token, chunked, extra=extra, whole=True)
+    assert wire.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))  # by the parser
+    # Chunk 1 cut off halfway, by a reset and by a half-close: nothing kept.
+    for cut in ("reset", "eof"):
+        wire = await raw_put(server.port, f"{path}/1", token, chunk[1], cut=cut)
+        assert wire == b""
+        await until(
+            lambda: asyncio.to_thread(lambda: not os.listdir(app.vault.tmp_dir)), 10, "no temp"
+        )
+        assert await stored() == [0]
+    # Chunk 2, short: in the parser's first read, so the connection stays open for more.
+    wire = await raw_put(
+        server.port, f"{path}/2", token, chunk[2], behind=status_request, whole=True
+    )
+    first, _, rest = wire.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower()
+    assert b"HTTP/1.1 200 " in rest and b'"state": "open"' in rest  # the status answered
+    async with (
+        aiohttp.ClientSession() as http,  # chunk 1 again, by an ordinary client
+        http.put(f"{api}/chunks/{layout}/1", data=chunk[1], headers=headers) as put,
+    ):
+        assert put.status == 200 and await put.json() == {"stored": True, "new": True}
+    assert await stored() == [0, 1, 2]
+    [unit] = plan_handover(upload.files)
+    zipped = b"".join(uploads.unit_pieces(upload, unit))
+    with zipfile.ZipFile(io.BytesIO(zipped)) as archive:
+        assert archive.read("IM1") == data
+    assert app.vault._spare_receive
+    assert all(buffer[:] == bytes(len(buffer)) for buffer in app.vault._spare_receive)
+
+
+async def test_the_page_sends_large_chunks_at_once_on_connections_closed_after_each(
+    big_server: UploadServer, tmp_path: Path
+) -> None:
+    """The real page with chunks larger than a socket read: each chunk's connection is
+    closed after its answer, and Chromium still sends them several at once (each on a new
+    connection), the folder reaching the case exactly."""
+    executable = chromium()
+    from playwright.async_api import async_playwright
+
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    template = dcmread(str(get_testdata_file("CT_small.dcm")))
+    template.Rows, template.Columns = 1024, 4096 // 2  # 4 MiB of 16-bit pixels
+    study = generate_uid()
+    (tmp_path / "CD" / "DICOM").mkdir(parents=True)
+    sent = []
+    for number in range(10):  # 40 MiB: 5 chunks
+        dataset = copy.deepcopy(template)
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.StudyInstanceUID, dataset.InstanceNumber = study, number + 1
+        dataset.PixelData = os.urandom(4 * 1024 * 1024)
+        path = tmp_path / "CD" / "DICOM" / f"IM{number:05d}"
+        dataset.save_as(path, enforce_file_format=True)
+        sent.append(path)
+    server.delay = 0.05  # the first answers come after the others were sent
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        page = await browser.new_page(locale="en-US")
+        try:
+            await page.goto(link)
+            await page.wait_for_selector("body[data-state=ready]")
+            await page.set_input_files("#pick-folder", str(tmp_path / "CD"))
+            await page.wait_for_selector("body[data-state=complete]", timeout=120_000)
+        finally:
+            await browser.close()
+    assert (server.chunk_puts, server.closing_puts) == (5, 5) and server.puts_at_once >= 2
+    async with app.store.reader() as session:
+        [file] = (await session.exec(select(FileRow).where(FileRow.case_id == case_id))).all()
+    key = app.store.keys.case_key(case_id, (await _wrapped(app, case_id)))
+    with app.vault.reader(file.blob_id, key) as reader, zipfile.ZipFile(reader) as archive:
+        assert sorted(archive.namelist()) == [f"DICOM/{path.name}" for path in sent]
+        for path in sent:
+            assert archive.read(f"DICOM/{path.name}") == path.read_bytes()
+
+
+async def test_an_encoded_chunk_is_read_through_the_parser_and_checked_decoded(
+    big_server: UploadServer,
+) -> None:
+    """A large chunk sent gzip-encoded is not read past aiohttp's parser (whose decoding it
+    needs): its decoded length is what must be the chunk's, and here it is not (the gzip
+    framing makes the encoded body exactly a chunk long): refused, nothing stored. The
+    same length unencoded is taken."""
+    server = big_server
+    app = current(server)
+    case_id = await collecting_case(app, CHAT_A)
+    link = await server.links().issue_link(case_id, "imaging", CHAT_A)
+    api, headers = f"{server.base_url}/upload/api", bearer(link)
+    data = os.urandom(BIG_PART)
+    size = BIG_PART
+    while len(encoded := gzip.compress(data[:size], compresslevel=0, mtime=0)) != BIG_PART:
+        size -= len(encoded) - BIG_PART  # stored blocks: the framing grows with the size
+    async with aiohttp.ClientSession() as http:
+        status, answer = await declare(
+            http, api, headers, [{"path": "scan.dcm", "size": BIG_PART, "modified": 1}]
+        )
+        assert status == 200
+        url = f"{api}/chunks/{answer['layout']}/0"
+        gzipped = {**headers, "Content-Encoding": "gzip"}
+        # Read past the parser, the decoded bytes it already held would be miscounted and
+        # the answer never come: a time limit makes that a failure, not a hang.
+        async with asyncio.timeout(30), http.put(url, data=encoded, headers=gzipped) as response:
+            assert response.status == 400
+        upload = await session_of(app, link)
+        assert await asyncio.to_thread(store_of(app).received, upload) == []
+        async with http.put(url, data=data, headers=headers) as response:
+            assert response.status == 200
+    assert await asyncio.to_thread(store_of(app).received, upload) == [0]
+    [unit] = plan_handover(upload.files)
+    assert b"".join(store_of(app).unit_pieces(upload, unit)) == data
 
 
 async def test_a_list_declared_before_the_stream_layout_is_declared_afresh(

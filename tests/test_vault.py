@@ -16,6 +16,7 @@ import tracemalloc
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,9 @@ from adapters.keys import (
     wrapped_key_id,
 )
 from adapters.vault import (
+    _RECEIVE_BYTES,
     _SPARE_BUFFERS,
+    _SPARE_RECEIVE,
     CHUNK_OVERHEAD,
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -265,6 +268,96 @@ async def test_write_stream_failure_and_cancel_clean_up(vault: Vault, key: bytes
     with pytest.raises(asyncio.CancelledError):
         await task
     assert all_files(vault.root) == []
+
+
+def feeder(data: bytes, sizes: list[int]) -> tuple[list[int], Any]:
+    """A readinto over `data` that puts at most the next of `sizes` (cycled) bytes in each
+    view it is given, yielding to the loop each time; and the lengths of the views."""
+    asked: list[int] = []
+    position = 0
+
+    async def readinto(view: memoryview) -> int:
+        nonlocal position
+        asked.append(len(view))
+        await asyncio.sleep(0)
+        count = min(len(view), sizes[len(asked) % len(sizes)], len(data) - position)
+        view[:count] = data[position : position + count]
+        position += count
+        return count
+
+    return asked, readinto
+
+
+@pytest.mark.parametrize("size", [1, CS * 3 + 5, _RECEIVE_BYTES, _RECEIVE_BYTES * 3 + CS + 7])
+@pytest.mark.parametrize("direct", [False, True])
+async def test_write_from_receives_into_reused_buffers_the_same_blob(
+    vault: Vault, key: bytes, size: int, direct: bool
+) -> None:
+    """Bytes received straight into the vault's buffers, in odd pieces, make the same blob
+    as a sized writer's (hash, stored size, contents). Never asked for more than the blob's
+    size, nor more than a buffer; the two buffers go back wiped, and the next blob takes
+    them again instead of new ones."""
+    data = payload(size, seed=size)
+    asked, readinto = feeder(data, [65536, 1, 3 * CS + 11, 250_000])
+    info = await vault.write_from("recv0001", key, readinto, size, direct=direct)
+    assert (info.size, info.sha256) == (size, hashlib.sha256(data).hexdigest())
+    with vault.writer("sized001", key, size=size) as writer:
+        writer.write(data)
+    assert info.stored_size == vault.verify("sized001", key).stored_size
+    with vault.reader("recv0001", key) as reader:
+        assert reader.read() == data
+    assert sum(asked) >= size and max(asked) <= min(size, _RECEIVE_BYTES)
+    buffers = list(vault._spare_receive)
+    assert len(buffers) == 2 and all(buffer[:] == bytes(_RECEIVE_BYTES) for buffer in buffers)
+    _, readinto = feeder(data[::-1], [1 << 30])
+    await vault.write_from("recv0002", key, readinto, size, digest=False, durable=False)
+    with vault.reader("recv0002", key) as reader:
+        assert reader.read() == data[::-1]
+    assert sorted(map(id, vault._spare_receive)) == sorted(map(id, buffers))
+    assert all_files(vault.tmp_dir) == []
+
+
+async def test_write_from_short_failing_or_cancelled_stores_nothing(
+    vault: Vault, key: bytes
+) -> None:
+    """A stream that ends early (ValueError), raises, or is cancelled while a buffer is being
+    sealed leaves no blob and no temp file; the buffers go back only once no thread reads
+    them, wiped, and at most _SPARE_RECEIVE of them are kept."""
+    size = _RECEIVE_BYTES * 2 + 5
+    data = payload(size, seed=5)
+    _, short = feeder(data[:-1], [CS])
+    with pytest.raises(ValueError, match="shorter"):
+        await vault.write_from("short001", key, short, size)
+
+    async def failing(view: memoryview) -> int:
+        view[:CS] = data[:CS]
+        raise ConnectionResetError("connection lost mid-body")
+
+    with pytest.raises(ConnectionResetError):
+        await vault.write_from("broken01", key, failing, size)
+    started = asyncio.Event()
+    _, feed = feeder(data, [CS])
+
+    async def slow(view: memoryview) -> int:
+        count = await feed(view)
+        started.set()
+        await asyncio.sleep(0.01)
+        return count
+
+    task = asyncio.create_task(vault.write_from("cancel01", key, slow, size, direct=True))
+    await started.wait()
+    await asyncio.sleep(0.08)  # the first buffer is full and in a worker thread by now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not any(vault.exists(b) for b in ("short001", "broken01", "cancel01"))
+    assert all_files(vault.root) == []
+    assert 0 < len(vault._spare_receive) <= _SPARE_RECEIVE
+    assert all(buffer[:] == bytes(_RECEIVE_BYTES) for buffer in vault._spare_receive)
+    many = [vault._take_receive() for _ in range(_SPARE_RECEIVE + 3)]
+    for buffer in many:
+        vault._give_back_receive(buffer, 0)
+    assert len(vault._spare_receive) == _SPARE_RECEIVE
 
 
 # --------------------------------------------------------------------------- tampering
