@@ -39,6 +39,7 @@ from adapters.telegram import (
     Poller,
     SendGate,
     parked_notice,
+    recent_sends,
 )
 from bot.app import App, build_app
 from bot.settings import Settings
@@ -62,14 +63,14 @@ STOP_GRACE_S = 10.0  # on SIGTERM, how long in-flight updates and sends may take
 DEFAULT_WEBHOOK_PORT = 8080  # webhook mode without WEB_PORT
 
 
-def make_bot(settings: Settings) -> Bot:
+def make_bot(settings: Settings, gate: SendGate | None = None) -> Bot:
     assert settings.bot_token is not None
     server = TelegramAPIServer.from_base(
         settings.telegram_api_base_url, is_local=settings.telegram_api_local
     )
     session = AiohttpSession(api=server)
     session.middleware(KeepResponseTypes())
-    session.middleware(SendGate())  # registered last: the nearest to the request
+    session.middleware(gate or SendGate())  # registered last: the nearest to the request
     return Bot(settings.bot_token, session=session)
 
 
@@ -313,7 +314,8 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
     never polls); either way they are stored in the inbox first, then handled and answered
     by the same runtime. The web server runs in webhook mode, and with WEB_PORT set."""
     app = build_app(settings)
-    bot = make_bot(settings)
+    gate = SendGate()
+    bot = make_bot(settings, gate)
     cluster = make_cluster(settings)
     runtime = build_runtime(app, bot, cluster)
     # The read engine: on SQLite a probe must not queue for the write lock.
@@ -336,6 +338,7 @@ async def serve(settings: Settings, *, webhook: bool = False) -> None:
             await register_webhook(bot, settings)
         else:
             await bot.delete_webhook(drop_pending_updates=False)
+        gate.remember(await recent_sends(app.store))  # before anything is sent
         set_aside_startup_objects()
         tasks: list[asyncio.Task[object]] = [
             asyncio.create_task(runtime.processor.run(), name="inbox"),

@@ -6,18 +6,28 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 
+from adapters.database import create_engine
+from adapters.keyring import KeyRing
+from adapters.keys import new_data_key
+from adapters.migrate import upgrade
+from adapters.store import SqlStore, utcnow
+from adapters.tables import OutboxRow
 from adapters.telegram import (
     CHAT_BURST,
+    CHAT_WINDOW_S,
     GLOBAL_PER_SECOND,
     GROUP_WINDOW_S,
     SWEEP_MIN_CHATS,
     SendGate,
     _RateLimiter,
+    recent_sends,
 )
 from tests.emulator import BotApiEmulator
 from tests.harness import GLOBAL_LIMIT, max_per_window, rate_breaches
@@ -115,3 +125,59 @@ def test_the_limiter_forgets_chats_whose_windows_are_over() -> None:
         limiter.record(100_000 + chat, later)
     assert set(limiter._last) <= {-1, *range(100_000, 100_000 + SWEEP_MIN_CHATS)}
     assert -1 in limiter._last  # its last send is within the group window
+
+
+async def test_a_restart_counts_what_the_previous_run_may_have_sent(tmp_path: Path) -> None:
+    """The previous run sent a chat two messages 1 s ago and was killed with a third in
+    flight (its row still pending): after the restart the chat's window is full, so its
+    next message waits until the first of those is a window old; a chat the previous run
+    did not write to lately is not held. Sends older than the longest window, and more
+    unsure rows than a window holds, do not count."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    await asyncio.to_thread(upgrade, url)
+    store = SqlStore(create_engine(url), KeyRing(new_data_key()))
+    now = utcnow()
+
+    def row(chat_id: int, status: str, ago: float | None = None) -> OutboxRow:
+        sent_at = now - timedelta(seconds=ago) if ago is not None else None
+        return OutboxRow(
+            chat_id=chat_id, locale="en", payload="{}", status=status, created_at=now,
+            sent_at=sent_at,
+        )  # fmt: skip
+
+    async with store.session() as session:
+        for outbox_row in (
+            row(1, "sent", 1.0),
+            row(1, "sent", 0.8),
+            row(1, "pending"),  # in flight at the kill, maybe received
+            row(2, "sent", GROUP_WINDOW_S + 5),  # long ago
+            *(row(3, "pending") for _ in range(5)),
+            row(-7, "sent", 30.0),
+            row(-7, "sending"),  # an alert claimed before its request
+        ):
+            session.add(outbox_row)
+    try:
+        ages = await recent_sends(store)
+    finally:
+        await store.engine.dispose()
+    assert sorted(ages) == [-7, 1, 3]
+    assert [round(age) for age in sorted(ages[1], reverse=True)] == [1, 1, 0]
+    assert ages[3] == [0.0] * CHAT_BURST
+    assert [round(age) for age in sorted(ages[-7], reverse=True)] == [30, 0]
+
+    async with BotApiEmulator() as emu:
+        gate = SendGate()
+        session = AiohttpSession(api=emu.api_server)
+        session.middleware(gate)
+        bot = Bot(emu.token, session=session)
+        busy, quiet = emu.user(1).id, emu.user(4).id
+        gate.remember({busy: ages[1]})
+        started = time.monotonic()
+        try:
+            await bot.send_message(quiet, "hello")
+            assert time.monotonic() - started < 0.5  # not held
+            await bot.send_message(busy, "next")
+        finally:
+            await bot.session.close()
+        # The oldest of the three a window old: CHAT_WINDOW_S after it was sent (1 s ago).
+        assert time.monotonic() - started >= CHAT_WINDOW_S - 1.0 - 0.05
