@@ -784,18 +784,21 @@ class BlobWriter:
                 self._sha.update(plain)
             nonce = self._next_nonce()
             aad = self._aad_prefix + _CHUNK_TRAILER.pack(self._index, 1 if final else 0)
-            # Nonce, ciphertext and tag laid out in one reused buffer after what is still
-            # unwritten: one write per _WRITE_BYTES, and no fresh megabyte to allocate (and
-            # for the kernel to zero) per chunk.
-            stored = NONCE_SIZE + self._filled + TAG_SIZE
-            assert self._out is not None
-            with memoryview(self._out) as out:
-                sealed = out[self._pending : self._pending + stored]
-                sealed[:NONCE_SIZE] = nonce
-                self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
-                sealed.release()
+            self._seal_whole(nonce, plain, aad)
             plain.release()
             self._sealed(final)
+
+    def _seal_whole(self, nonce: bytes, plain: memoryview, aad: bytes) -> None:
+        """A whole chunk sealed in one call: nonce, ciphertext and tag laid out in the one
+        reused output buffer after what is still unwritten (one write per _WRITE_BYTES, and
+        no fresh megabyte to allocate, and for the kernel to zero, per chunk)."""
+        assert self._out is not None
+        stored = NONCE_SIZE + len(plain) + TAG_SIZE
+        with memoryview(self._out) as out:
+            sealed = out[self._pending : self._pending + stored]
+            sealed[:NONCE_SIZE] = nonce
+            self._aead.encrypt_into(nonce, plain, aad, sealed[NONCE_SIZE:])
+            sealed.release()
 
     def _seal_piece(self, view: memoryview) -> int:
         """Seal the start of *view* into the open chunk (a sized writer's write), opening
@@ -814,12 +817,7 @@ class BlobWriter:
                 piece = view[:length]
                 if self._sha is not None:
                     self._sha.update(piece)
-                stored = NONCE_SIZE + length + TAG_SIZE
-                with memoryview(self._out) as out:
-                    sealed = out[self._pending : self._pending + stored]
-                    sealed[:NONCE_SIZE] = nonce
-                    self._aead.encrypt_into(nonce, piece, aad, sealed[NONCE_SIZE:])
-                    sealed.release()
+                self._seal_whole(nonce, piece, aad)
                 piece.release()
                 self._filled = length
                 self._sealed(final)

@@ -161,20 +161,26 @@ class UploadServer:
         return UploadLinks(self.app, self.settings, base_url=self.base_url)
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+async def serving(tmp_path: Path, part_bytes: int) -> AsyncIterator[UploadServer]:
+    """An upload server on a fresh data folder, with chunks of `part_bytes`."""
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
         bot_token=BOT_TOKEN,
         coordinator_chat_id=COORDINATOR,
-        upload_part_bytes=PART,
+        upload_part_bytes=part_bytes,
     )
     await asyncio.to_thread(prepare, settings)
     upload_server = UploadServer(settings, free_port())
     await upload_server.start()
     yield upload_server
     await upload_server.stop()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+    async for upload_server in serving(tmp_path, PART):
+        yield upload_server
 
 
 def current(server: UploadServer) -> App:
@@ -574,18 +580,8 @@ BIG_PART = 9 * 1024 * 1024 + 4321
 
 @pytest.fixture
 async def big_server(tmp_path: Path) -> AsyncIterator[UploadServer]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
-        bot_token=BOT_TOKEN,
-        coordinator_chat_id=COORDINATOR,
-        upload_part_bytes=BIG_PART,
-    )
-    await asyncio.to_thread(prepare, settings)
-    upload_server = UploadServer(settings, free_port())
-    await upload_server.start()
-    yield upload_server
-    await upload_server.stop()
+    async for upload_server in serving(tmp_path, BIG_PART):
+        yield upload_server
 
 
 async def raw_put(
