@@ -107,6 +107,7 @@ def serve_upload(data_dir: Path, port: int, cases: int) -> None:
 
     from adapters.tables import CaseRow
     from bot.app import build_app, prepare
+    from bot.polling import set_aside_startup_objects
     from bot.settings import Settings
     from bot.upload import UploadLinks, make_upload_app
     from bot.web import start_server
@@ -139,6 +140,7 @@ def serve_upload(data_dir: Path, port: int, cases: int) -> None:
         root = web.Application()
         root.add_subapp("/upload/", make_upload_app(app, settings))
         await start_server(root, "127.0.0.1", port)
+        set_aside_startup_objects()  # as the bot does once it serves (bot.polling.serve)
         print(" ".join(issued), flush=True)
         await asyncio.Event().wait()
 
