@@ -45,6 +45,7 @@ import html
 import json
 import logging
 import re
+import socket
 import string
 import time
 from collections import OrderedDict
@@ -278,6 +279,12 @@ async def _read_json(request: web.Request) -> Any:
 # A request whose body was read past aiohttp's parser (_DirectBody): its connection closes
 # after the answer, whatever the answer.
 _DIRECT = web.RequestKey("upload.direct_body", bool)
+# While _DirectBody reads, the kernel wakes the event loop only once this much of the body
+# is in (SO_RCVLOWAT; or the rest of it, if less, or at the connection's end): a wake-up,
+# and its pass of Python on the loop every request shares, per megabyte instead of per
+# 200 KiB or so (the bench's 1 GiB: 1,750 reads instead of 5,270, and 0.48 s of the server's
+# CPU instead of 0.53).
+WAKE_BYTES = 1 << 20
 
 
 class _ParsedBody:
@@ -330,6 +337,7 @@ class _DirectBody(asyncio.BufferedProtocol):
         self._error: BaseException | None = None
         self._transport: Any = None
         self._handler: Any = None
+        self._socket: Any = None  # set while the body's reads wait for WAKE_BYTES
 
     def _take(self) -> list[bytes]:
         """At the first read: what the parser has read of the body, and the connection for
@@ -345,6 +353,9 @@ class _DirectBody(asyncio.BufferedProtocol):
             request.protocol.close()  # no further request on this connection: ignore it
             request[_DIRECT] = True
             self._transport, self._handler = transport, transport.get_protocol()
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._socket = sock
             transport.pause_reading()
             transport.set_protocol(self)
         return ready
@@ -381,6 +392,7 @@ class _DirectBody(asyncio.BufferedProtocol):
         self._target, self._filled = buffer[: self._left], 0
         self._waiter = asyncio.get_running_loop().create_future()
         try:
+            self._wake_at(len(self._target))
             self._transport.resume_reading()
             await self._waiter
             return self._filled
@@ -397,9 +409,20 @@ class _DirectBody(asyncio.BufferedProtocol):
             return
         transport, self._transport = self._transport, None
         if self._error is None:  # else the connection is gone (connection_lost tells aiohttp)
+            self._wake_at(1)  # as a socket is by default
             transport.set_protocol(self._handler)
             transport.resume_reading()
         self._request.content.feed_eof()  # read here: aiohttp need not wait for it
+
+    def _wake_at(self, wanted: int) -> None:
+        """Have the connection wake the loop once `wanted` bytes (at most WAKE_BYTES) are in.
+        The kernel caps it at half the largest receive buffer and grows the buffer to hold
+        it, so the sender is never held back for it."""
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # an option it lacks only costs wake-ups
+                self._socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_RCVLOWAT, max(1, min(wanted, WAKE_BYTES))
+                )
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------------
 
@@ -415,6 +438,8 @@ class _DirectBody(asyncio.BufferedProtocol):
         if self._filled == len(self._target):
             self._transport.pause_reading()
             self._wake()
+        else:
+            self._wake_at(len(self._target) - self._filled)
 
     def eof_received(self) -> bool | None:
         self._fail(ConnectionResetError("the client closed the connection mid-body"))
