@@ -11,6 +11,9 @@ over loopback:
   before answering (no encryption, names or checks);
 * `dd bs=1M conv=fsync` of the same bytes into one file: what this disk takes durably with
   one fsync at the end and no network at all, the ceiling for anything that must store them;
+* as many bytes written from memory past the page cache (O_DIRECT) 4 MiB at a time, as the
+  vault writes the upload's parts (not fsynced): the disk's own speed, a ceiling for the
+  upload endpoint, which must write every byte it is sent;
 * the page's protocol (the chunks the server asks for, PARALLEL in flight) sent by curl to
   the trivial sink: what the protocol itself costs, with a client as fast as curl; and to
   the durable sink: the same chunks stored and fsynced, without encryption or the vault;
@@ -34,7 +37,9 @@ import asyncio
 import contextlib
 import copy
 import json
+import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -153,6 +158,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu() -> float:
+    """User and system time of this script's finished child processes (curl, dd, cat)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -256,6 +267,28 @@ def dd_copy(paths: list[Path], target: Path) -> float:
         )
     elapsed = time.perf_counter() - started
     target.unlink()
+    return elapsed
+
+
+def direct_writes(size: int, target: Path) -> float:
+    """`size` bytes (rounded up to 4 MiB) written past the page cache, 4 MiB at a time from
+    one page-aligned buffer: the disk's speed for the vault's writes, with nothing to read,
+    receive or encrypt."""
+    import mmap
+
+    block = 4 * MIB
+    buffer = mmap.mmap(-1, block)
+    buffer.write(os.urandom(block))
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    try:
+        started = time.perf_counter()
+        for _ in range(-(-size // block)):
+            os.write(fd, buffer)
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        target.unlink()
+        buffer.close()
     return elapsed
 
 
@@ -381,6 +414,7 @@ def main() -> int:
     try:
         paths = write_study(work / "CD", size_mib, args.file_kb * 1024)
         total = sum(p.stat().st_size for p in paths)
+        gib = total / 1024**3
         files = manifest(paths)
         bodies = cut_chunks(paths, work / "chunks")
         print(
@@ -418,15 +452,21 @@ def main() -> int:
             os.sync()  # each measure starts with no dirty pages left by the one before
             return run()
 
-        # CPU time the upload servers use per GiB: what the code costs, whatever the load
-        # from elsewhere (which moves wall-clock times a lot on a shared machine).
-        cpu: dict[str, list[float]] = {"upload": [], "before": []}
+        # CPU time per GiB of each measure's server and of its client (curl, or dd and cat):
+        # what each path costs, whatever the load from elsewhere (which moves wall-clock
+        # times a lot on a shared machine), and on two cores the bound of what a path can
+        # reach beside another.
+        cpu: dict[str, list[tuple[float, float]]] = {}
 
-        def costed(name: str, pid: int, run: Callable[[], float]) -> Callable[[], float]:
+        def costed(name: str, pid: int | None, run: Callable[[], float]) -> Callable[[], float]:
+            """`run` with its CPU time counted; `pid`: its server (None: it has none)."""
+
             def measure() -> float:
-                used = cpu_seconds(pid)
+                server_before, client_before = cpu_seconds(pid) if pid else 0.0, children_cpu()
                 elapsed = run()
-                cpu[name].append((cpu_seconds(pid) - used) / (total / 1024**3))
+                server = cpu_seconds(pid) - server_before if pid else math.nan
+                client = children_cpu() - client_before
+                cpu.setdefault(name, []).append((server / gib, client / gib))
                 return elapsed
 
             return measure
@@ -434,11 +474,18 @@ def main() -> int:
         rounds: list[dict[str, float]] = []
         for number, (token, before_token) in enumerate(zip(tokens, before_tokens, strict=True)):
             measures: dict[str, Callable[[], float]] = {
-                "curl": lambda: curl_upload(paths, sink_url),
-                "durable": lambda: curl_upload(paths, durable_url),
-                "dd": lambda: dd_copy(paths, work / "dd-copy"),
-                "client": lambda: protocol_upload(files, bodies, sink_url, None),
-                "client_durable": lambda: protocol_upload(files, bodies, durable_url, None),
+                "curl": costed("curl", sink.pid, lambda: curl_upload(paths, sink_url)),
+                "durable": costed("durable", durable.pid, lambda: curl_upload(paths, durable_url)),
+                "dd": costed("dd", None, lambda: dd_copy(paths, work / "dd-copy")),
+                "direct": lambda: direct_writes(total, work / "direct"),  # in this process
+                "client": costed(
+                    "client", sink.pid, lambda: protocol_upload(files, bodies, sink_url, None)
+                ),
+                "client_durable": costed(
+                    "client_durable",
+                    durable.pid,
+                    lambda: protocol_upload(files, bodies, durable_url, None),
+                ),
                 "upload": costed(
                     "upload",
                     server.pid,
@@ -467,14 +514,27 @@ def main() -> int:
             """Throughput of `slow` over that of `fast` (times the other way round)."""
             return statistics.median(r[fast] / r[slow] for r in rounds)
 
+        def costs(name: str) -> tuple[float, float]:
+            """Median CPU seconds per GiB of the measure's server and of its client."""
+            return (
+                statistics.median(server for server, _ in cpu[name]),
+                statistics.median(client for _, client in cpu[name]),
+            )
+
         def rate(name: str) -> str:
             seconds = [r[name] for r in rounds]
             spread = f"{total / MIB / max(seconds):.0f}-{total / MIB / min(seconds):.0f}"
-            return f"{total / MIB / median(name):5.0f} MiB/s (rounds: {spread})"
+            line = f"{total / MIB / median(name):5.0f} MiB/s (rounds: {spread:>9})"
+            if name in cpu:
+                server, client = costs(name)
+                served = "" if math.isnan(server) else f"server {server:.2f}, "
+                line += f"; CPU s/GiB {served}client {client:.2f}"
+            return line
 
         print(f"curl -> sink (drops the bytes)              {rate('curl')}")
         print(f"curl -> durable sink (write + fsync a file) {rate('durable')}")
         print(f"dd conv=fsync of the same bytes, no network {rate('dd')}")
+        print(f"O_DIRECT writes of 4 MiB from memory         {rate('direct')}")
         print(f"page protocol (curl) -> sink                {rate('client')}")
         print(f"page protocol (curl) -> durable sink        {rate('client_durable')}")
         print(f"page protocol (curl) -> upload endpoint     {rate('upload')}")
@@ -483,20 +543,19 @@ def main() -> int:
             print(
                 f"upload endpoint as of {args.compare}: {ratio('curl', 'before'):.2f}x curl to "
                 f"the sink; now {ratio('before', 'upload'):.2f}x that; server CPU per GiB "
-                f"{statistics.median(cpu['before']):.2f} s then, "
-                f"{statistics.median(cpu['upload']):.2f} s now"
+                f"{costs('before')[0]:.2f} s then, {costs('upload')[0]:.2f} s now"
             )
-        else:
-            print(f"upload server CPU per GiB {statistics.median(cpu['upload']):.2f} s")
         print(
             f"upload endpoint: {ratio('curl', 'upload'):.2f}x curl to the sink (goal >= 0.7x), "
             f"{ratio('durable', 'upload'):.2f}x curl to the durable sink, "
-            f"{ratio('dd', 'upload'):.2f}x dd conv=fsync; "
+            f"{ratio('dd', 'upload'):.2f}x dd conv=fsync, "
+            f"{ratio('direct', 'upload'):.2f}x O_DIRECT writes; "
             f"{ratio('client', 'upload'):.2f}x the same chunks to the sink, "
             f"{ratio('client_durable', 'upload'):.2f}x to the durable sink"
         )
         print(
-            f"references, to curl -> sink: dd conv=fsync {ratio('curl', 'dd'):.2f}x, the durable "
+            f"references, to curl -> sink: O_DIRECT writes {ratio('curl', 'direct'):.2f}x, "
+            f"dd conv=fsync {ratio('curl', 'dd'):.2f}x, the durable "
             f"sink {ratio('curl', 'durable'):.2f}x, the page's chunks to the sink "
             f"{ratio('curl', 'client'):.2f}x and to the durable sink "
             f"{ratio('curl', 'client_durable'):.2f}x"
@@ -505,6 +564,17 @@ def main() -> int:
             f"peak RSS: upload server {rss_idle:.0f} MiB idle, {rss_upload:.0f} MiB after the "
             f"uploads, {rss_handover:.0f} MiB after the hand-over; sinks {sink_rss:.0f} and "
             f"{durable_rss:.0f} MiB"
+        )
+        # Two ceilings for the endpoint, as fractions of curl to the sink. It writes every
+        # byte it is sent: it cannot outrun the disk's own writes past the page cache. And
+        # client and server share this machine's cores: costing more CPU per GiB than curl
+        # to the sink, it reaches at most their ratio at the same use of the cores.
+        sink_cost, upload_cost = sum(costs("curl")), sum(costs("upload"))
+        print(
+            f"ceilings for the endpoint, to curl -> sink: the disk (O_DIRECT writes) "
+            f"{ratio('curl', 'direct'):.2f}x; the CPU, {sink_cost / upload_cost:.2f}x "
+            f"(server and client per GiB: {upload_cost:.2f} s, curl -> sink {sink_cost:.2f} s, "
+            f"{os.cpu_count()} cores)"
         )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
         print(
