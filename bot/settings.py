@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,6 +58,9 @@ class Settings(BaseSettings):
     web_base_url: str | None = None
     web_host: str = "127.0.0.1"
     web_port: int | None = Field(default=None, ge=1, le=65535)
+    # The reverse proxies in front (addresses or networks): from them, the upload page's
+    # per-address limits take the patient's address from X-Forwarded-For (bot/upload.py).
+    web_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
     # Telegram sends it back with every webhook call; a call without it is refused (401).
     webhook_secret: str | None = None
     # Redis shared by the instances of a cluster; /readyz pings it when set.
@@ -118,6 +122,21 @@ class Settings(BaseSettings):
         if value and not re.match(r"^https?://[^\s/]+", value):
             raise ValueError("expected the public address, such as https://bot.example.org")
         return value.rstrip("/") if value else None
+
+    @field_validator("web_trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_networks(cls, value: Any) -> Any:
+        parts = value.split(",") if isinstance(value, str) else value
+        networks = []
+        for part in parts:
+            if part := str(part).strip():
+                try:
+                    networks.append(str(ipaddress.ip_network(part, strict=False)))
+                except ValueError:
+                    raise ValueError(
+                        f"{part!r}: expected addresses or networks such as 127.0.0.1,10.0.0.0/8"
+                    ) from None
+        return tuple(networks)
 
     @field_validator("webhook_secret")
     @classmethod

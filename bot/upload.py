@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
 import re
@@ -503,6 +504,9 @@ class _UploadServer:
         part_size = int(getattr(settings, "upload_part_bytes", PART_SIZE))
         self.uploads = UploadStore(app.store, app.vault, app.store.keys, part_size)
         self.max_case_bytes = int(getattr(settings, "upload_max_case_bytes", MAX_CASE_BYTES))
+        self.proxies = tuple(
+            ipaddress.ip_network(proxy) for proxy in getattr(settings, "web_trusted_proxies", ())
+        )
         self.by_ip = RateLimiter(IP_RATE, IP_BURST)
         self.by_session = RateLimiter(SESSION_RATE, SESSION_BURST)
         self.failures = RateLimiter(FAILURE_RATE, FAILURE_BURST)
@@ -524,7 +528,7 @@ class _UploadServer:
         route = request.match_info.route.name or "?"
         response: web.StreamResponse
         try:
-            if wait := self.by_ip.take(request.remote or "?"):
+            if wait := self.by_ip.take(self._address(request)):
                 raise _Busy(wait)
             response = await handler(request)
         except UploadRefused as exc:
@@ -568,8 +572,33 @@ class _UploadServer:
     def _count_failure(self, request: web.Request, refusal: UploadRefused) -> None:
         """Only wrong credentials cost from the IP's small budget, and a good one is never
         held back by it: behind a proxy every patient may share one address."""
-        if refusal.reason == "invalid" and (wait := self.failures.take(request.remote or "?")):
+        if refusal.reason == "invalid" and (wait := self.failures.take(self._address(request))):
             raise _Busy(wait) from refusal
+
+    def _address(self, request: web.Request) -> str:
+        """The address the per-address limits count for: the connection's, or, when it comes
+        from one of WEB_TRUSTED_PROXIES, the last one in X-Forwarded-For that is not a
+        trusted proxy's (each proxy appends the address it was reached from: what stands to
+        the left of those may be the client's own invention). Without the setting, behind a
+        proxy every patient would share its address, and one of them, or a stranger
+        guessing links, could spend everyone's budget."""
+        peer = request.remote or "?"
+        if not self._trusted(peer):
+            return peer
+        hops = ",".join(request.headers.getall("X-Forwarded-For", ())).split(",")
+        for hop in reversed(hops):
+            if (hop := hop.strip()) and not self._trusted(hop):
+                return hop[:64]  # a bucket's key; not parsed as an address it is still one
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped  # an IPv4 client of a dual-stack socket
+        return any(ip in network for network in self.proxies)
 
     async def link_page(self, request: web.Request) -> web.Response:
         default = self.settings.default_locale

@@ -37,6 +37,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -167,14 +168,16 @@ class UploadServer:
         return UploadLinks(self.app, self.settings, base_url=self.base_url)
 
 
-async def serving(tmp_path: Path, part_bytes: int) -> AsyncIterator[UploadServer]:
-    """An upload server on a fresh data folder, with chunks of `part_bytes`."""
+async def serving(tmp_path: Path, part_bytes: int, **more: Any) -> AsyncIterator[UploadServer]:
+    """An upload server on a fresh data folder, with chunks of `part_bytes` (and `more`
+    settings)."""
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'data' / 'cc.db'}",
         bot_token=BOT_TOKEN,
         coordinator_chat_id=COORDINATOR,
         upload_part_bytes=part_bytes,
+        **more,
     )
     await asyncio.to_thread(prepare, settings)
     upload_server = UploadServer(settings, free_port())
@@ -1212,13 +1215,18 @@ async def test_limits_headers_and_no_listing(server: UploadServer) -> None:
 async def test_guessing_tokens_is_rate_limited_without_locking_patients_out(
     server: UploadServer,
 ) -> None:
+    """Ten wrong links from an address, then it waits (429); a good link still works. An
+    X-Forwarded-For header is ignored without WEB_TRUSTED_PROXIES: each guess here claims
+    another address and all of them count against the connection's own."""
     app = current(server)
     case_id = await collecting_case(app, CHAT_A)
     link = await server.links().issue_link(case_id, "imaging", CHAT_A)
     async with aiohttp.ClientSession() as http:
         statuses = []
         for attempt in range(14):
-            async with http.get(f"{server.base_url}/upload/u/{'B' * 42}{attempt:02d}") as response:
+            url = f"{server.base_url}/upload/u/{'B' * 42}{attempt:02d}"
+            claimed = {"X-Forwarded-For": f"198.51.100.{attempt}"}
+            async with http.get(url, headers=claimed) as response:
                 statuses.append(response.status)
         assert statuses[:10] == [404] * 10
         assert statuses[-1] == 429
@@ -1230,6 +1238,32 @@ async def test_guessing_tokens_is_rate_limited_without_locking_patients_out(
             assert response.status == 200
         async with http.get(f"{server.base_url}/upload/api/status", headers=bearer(link)) as resp:
             assert resp.status == 200
+
+
+async def test_behind_a_trusted_proxy_each_address_has_its_own_budget(tmp_path: Path) -> None:
+    """With WEB_TRUSTED_PROXIES naming the proxy (127.0.0.1 here: the test's requests stand
+    for the proxy's), the limits count the address the proxy put last in X-Forwarded-For:
+    a stranger guessing links from one address is held back while another address is not,
+    and an address the stranger writes to the left of the proxy's entry buys nothing. The
+    setting takes addresses and networks, and refuses anything else."""
+    async for server in serving(tmp_path, PART, web_trusted_proxies="127.0.0.1, 10.0.0.0/8"):
+        assert server.settings.web_trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8")
+        async with aiohttp.ClientSession() as http:
+
+            async def guess(forwarded: str, attempt: int, base: str = server.base_url) -> int:
+                url = f"{base}/upload/u/{'B' * 42}{attempt:02d}"
+                async with http.get(url, headers={"X-Forwarded-For": forwarded}) as response:
+                    return response.status
+
+            statuses = [await guess("203.0.113.7", attempt) for attempt in range(11)]
+            assert statuses == [404] * 10 + [429]
+            # Claiming another address in front of the proxy's entry: still the same one.
+            assert await guess("198.51.100.1, 203.0.113.7", 11) == 429
+            # A second trusted proxy between them (10.0.0.5) is looked past.
+            assert await guess("203.0.113.7, 10.0.0.5", 12) == 429
+            assert await guess("198.51.100.20", 13) == 404  # another patient: untouched
+    with pytest.raises(ValidationError):
+        Settings(data_dir=tmp_path, web_trusted_proxies="127.0.0.1,proxy.example.org")
 
 
 def test_init_data_is_checked_as_telegram_documents() -> None:
