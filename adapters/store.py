@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_
+from sqlalchemy import delete, or_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, select
@@ -39,6 +39,14 @@ from core.replies import Reply, Text
 CARD_PREFIX = '{"card"'  # how an outbox row holding the checklist card begins
 CARD_QUIET_S = 2.0  # a card waits for this much quiet in its chat (see enqueue_card)
 MARKED_KEPT = 4096  # see SqlStore._marked: far more than the updates in work at once
+# Handled updates and finished messages are kept this long, then deleted (prune_handled):
+# a done inbox row is what makes an update Telegram delivers again a no-op, and Telegram
+# keeps an unconfirmed update for 24 hours at most; a sent or failed outbox row (its text
+# scrubbed already) is what an operator may ask about, and what a restart's rate windows
+# read for the last minute. Without this both tables grew by every update and message.
+INBOX_KEEP = timedelta(days=7)
+OUTBOX_KEEP = timedelta(days=30)
+PRUNE_BATCH = 5000  # rows per transaction: the write lock is held for one batch at a time
 
 
 def utcnow() -> datetime:
@@ -584,6 +592,34 @@ class SqlStore:
         async with self.session() as session:
             session.add(InviteRow(code=code, procedure=procedure, created_at=utcnow()))
         return code
+
+    async def prune_handled(self, now: datetime | None = None) -> tuple[int, int]:
+        """Delete inbox rows done more than INBOX_KEEP ago and outbox rows sent or given up
+        more than OUTBOX_KEEP ago, PRUNE_BATCH at a time; parked updates and messages still
+        to send stay. Returns how many (inbox rows, outbox rows) went."""
+        now = now or utcnow()
+        inbox = select(InboxRow.update_id).where(
+            InboxRow.status == "done", col(InboxRow.done_at) < now - INBOX_KEEP
+        )
+        outbox = select(OutboxRow.id).where(
+            col(OutboxRow.status).in_(("sent", "failed")),
+            col(OutboxRow.sent_at) < now - OUTBOX_KEEP,
+        )
+        return (
+            await self._delete_batches(InboxRow, col(InboxRow.update_id), inbox),
+            await self._delete_batches(OutboxRow, col(OutboxRow.id), outbox),
+        )
+
+    async def _delete_batches(self, table: Any, key: Any, chosen: Any) -> int:
+        deleted = 0
+        while True:
+            async with self.session() as session:
+                connection = await session.connection()
+                batch = chosen.limit(PRUNE_BATCH).scalar_subquery()
+                result = await connection.execute(delete(table).where(key.in_(batch)))
+            deleted += result.rowcount
+            if result.rowcount < PRUNE_BATCH:
+                return deleted
 
     async def store_updates(self, updates: list[tuple[int, int | None, str]]) -> int:
         """Keep a batch of updates (id, chat, payload) durably in one commit, before they are

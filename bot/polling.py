@@ -171,12 +171,17 @@ class Runtime:
             await asyncio.sleep(RETENTION_EVERY_S)
 
     async def retention_turn(self) -> int:
-        """One period's retention run: on one instance of a cluster (alone: this one,
-        always); the others get 0."""
+        """One period's retention run (cases closed long ago erased, old inbox and outbox
+        rows deleted): on one instance of a cluster (alone: this one, always); returns the
+        cases erased, 0 on the others."""
         async with self.cluster.turn("retention", RETENTION_EVERY_S) as mine:
             if not mine:
                 return 0
-            return await self.app.service.erase_expired(self.app.settings.retention_days)
+            erased = await self.app.service.erase_expired(self.app.settings.retention_days)
+            updates, messages = await self.app.store.prune_handled()
+            if updates or messages:
+                log.info("pruned %d handled update(s), %d sent message(s)", updates, messages)
+            return erased
 
     async def reminders(self) -> None:
         """Reminders for missing items, checked every few minutes (each is sent at most once:

@@ -432,9 +432,10 @@ async def test_reminders_and_retention_run_on_one_instance_of_two(
     tmp_path: Path, namespace: str
 ) -> None:
     """Two instances' runtimes on one database take their periodic turn at the same moment:
-    one of them queues the reminders and erases the expired cases, the other does nothing,
-    and each reminder and each erasure happens once. Again at once: nothing more (the job's
-    lease is kept for 0.9 of its period)."""
+    one of them queues the reminders, erases the expired cases and deletes the inbox and
+    outbox rows handled weeks ago, the other does nothing, and each reminder and each
+    erasure happens once. Again at once: nothing more (the job's lease is kept for 0.9 of
+    its period)."""
     with fresh_postgres_database() as database_url:
         settings = Settings(
             data_dir=tmp_path / "data",
@@ -484,6 +485,22 @@ async def test_reminders_and_retention_run_on_one_instance_of_two(
                 expired[-1],
             )
             assert (len(idle), len(closed)) == (len(waiting), len(expired))
+            # And the first patient's updates were handled, their answers sent, weeks ago.
+            aged = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "UPDATE outbox SET status = 'sent', sent_at = now() - interval '40 days'"
+                " WHERE chat_id = %s RETURNING id",
+                waiting[0],
+            )
+            handled = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "UPDATE inbox SET done_at = now() - interval '10 days'"
+                " WHERE update_id <= %s RETURNING update_id",
+                len(steps),
+            )
+            assert aged and len(handled) == len(steps)
             for turn in range(2):
                 sent = await asyncio.gather(*(r.reminders_turn() for r in runtimes))
                 erased = await asyncio.gather(*(r.retention_turn() for r in runtimes))
@@ -499,6 +516,14 @@ async def test_reminders_and_retention_run_on_one_instance_of_two(
                 " GROUP BY chat_id",
             )
             assert dict(reminded) == dict.fromkeys(waiting, 1)
+            old_rows = await asyncio.to_thread(
+                pg_rows,
+                database_url,
+                "SELECT count(*) FROM outbox WHERE sent_at < now() - interval '30 days'"
+                " UNION ALL SELECT count(*) FROM inbox WHERE update_id <= %s",
+                len(steps),
+            )
+            assert [count for (count,) in old_rows] == [0, 0]  # pruned by the retention turn
             left = await asyncio.to_thread(
                 pg_rows, database_url, "SELECT chat_id FROM cases ORDER BY chat_id"
             )

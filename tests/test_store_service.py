@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
+from adapters import store as store_module
+from adapters.store import utcnow
 from adapters.tables import CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
@@ -402,3 +404,48 @@ async def test_the_store_knows_which_updates_its_commits_marked_done(app: App) -
     assert store.marked_here([71, 72])
     assert not store.marked_here([71])  # asked once already: the database answers now
     assert await count(app, InboxRow, InboxRow.status == "done") == 2
+
+
+async def test_old_handled_updates_and_sent_messages_are_pruned(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inbox rows done more than INBOX_KEEP ago and outbox rows sent or given up more than
+    OUTBOX_KEEP ago are deleted, a few at a time; newer ones, parked and new updates, and
+    messages still to send stay."""
+    monkeypatch.setattr(store_module, "PRUNE_BATCH", 3)  # several batches, one partly full
+    now = utcnow()
+    long_ago, lately = now - timedelta(days=400), now - timedelta(days=1)
+    async with app.store.session() as session:
+        for update_id in range(7):
+            done_at = now - store_module.INBOX_KEEP - timedelta(minutes=update_id + 1)
+            session.add(
+                InboxRow(update_id=update_id, status="done", received_at=long_ago, done_at=done_at)
+            )
+        session.add(InboxRow(update_id=100, status="done", received_at=lately, done_at=lately))
+        session.add(InboxRow(update_id=101, status="parked", received_at=long_ago, payload_enc="x"))
+        session.add(InboxRow(update_id=102, status="new", received_at=long_ago, payload_enc="x"))
+        old_sends = [("sent", timedelta(days=31 + n)) for n in range(5)] + [
+            ("failed", timedelta(days=40)),
+            ("sent", timedelta(days=29)),  # newer than OUTBOX_KEEP
+            ("pending", None),
+        ]
+        for status, age in old_sends:
+            sent_at = None if age is None else now - age
+            session.add(
+                OutboxRow(
+                    chat_id=5,
+                    locale="en",
+                    payload="{}",
+                    status=status,
+                    created_at=long_ago,
+                    sent_at=sent_at,
+                )
+            )
+    assert timedelta(days=30) == store_module.OUTBOX_KEEP
+    assert await app.store.prune_handled(now) == (7, 6)
+    async with app.store.reader() as session:
+        inbox = (await session.exec(select(InboxRow.update_id, InboxRow.status))).all()
+        outbox = (await session.exec(select(OutboxRow.status))).all()
+    assert sorted(inbox) == [(100, "done"), (101, "parked"), (102, "new")]
+    assert sorted(outbox) == ["pending", "sent"]
+    assert await app.store.prune_handled(now) == (0, 0)
