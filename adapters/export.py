@@ -48,16 +48,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from xml.sax.saxutils import escape
 
+import arabic_reshaper
 import pyzipper
+from bidi import get_display
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileInstance, FileSet
 from pyzipper.zipfile_aes import AESZipInfo
 from reportlab.lib import colors
+from reportlab.lib.enums import TA_RIGHT
 from reportlab.lib.pagesizes import A4, landscape
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
+from reportlab.lib.utils import simpleSplit
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.cidfonts import UnicodeCIDFont
 from reportlab.pdfbase.ttfonts import TTFError, TTFont
@@ -662,29 +666,39 @@ def _manifest_pdf(
     line = ParagraphStyle("line", fontName=fonts[0].name, fontSize=10, leading=14)
     title = ParagraphStyle("title", fontName=fonts[0].name, fontSize=15, leading=20)
 
-    def para(text: str, style: ParagraphStyle) -> Paragraph:
+    def para(text: str, style: ParagraphStyle, width: float) -> Paragraph:
+        """`text` as a paragraph `width` points wide (its frame or cell, padding included)."""
+        if _right_to_left(text) is not None:
+            text, rtl = _visual_lines(text, style, width - 2 * _PADDING)
+            if rtl:
+                style = ParagraphStyle(f"{style.name}-rtl", parent=style, alignment=TA_RIGHT)
         return Paragraph(_markup(text, fonts), style)
 
+    width = landscape(A4)[0] - 24 * mm
     heading = render("export.manifest.title", {"case_id": case.case_id})
-    story: list[Flowable] = [para(heading, title)]
+    story: list[Flowable] = [para(heading, title, width)]
     if case.checklist is not None:
         procedure = render(case.checklist.title, {})
         params: dict[str, object] = {"procedure": procedure, "hospital": case.checklist.hospital}
-        story.append(para(render("export.manifest.procedure", params), line))
+        story.append(para(render("export.manifest.procedure", params), line, width))
     today = datetime.now(UTC).date().isoformat()
-    story.append(para(render("export.manifest.prepared", {"date": today}), line))
-    story.append(para(render("export.manifest.summary", {"count": len(entries)}), line))
+    story.append(para(render("export.manifest.prepared", {"date": today}), line, width))
+    story.append(para(render("export.manifest.summary", {"count": len(entries)}), line, width))
     if dicom_root is not None:
         where: dict[str, object] = {"path": f"{dicom_root}/DICOMDIR"}
-        story.append(para(render("export.manifest.dicomdir", where), line))
+        story.append(para(render("export.manifest.dicomdir", where), line, width))
     story.append(Spacer(1, 4 * mm))
-    width = landscape(A4)[0] - 24 * mm
     if entries:
         columns = ("item", "kind", "date", "extent", "language", "translation", "verdict", "path")
-        rows = [[para(render(f"export.manifest.col.{c}", {}), head) for c in columns]]
-        rows += [[para(cell, body) for cell in _cells(entry, render)] for entry in entries]
         widths = [x * mm for x in (40, 22, 30, 26, 20, 28, 24)]
-        table = Table(rows, colWidths=[*widths, width - sum(widths)], repeatRows=1)
+        widths.append(width - sum(widths))
+        titles = [render(f"export.manifest.col.{column}", {}) for column in columns]
+        rows = [[para(title, head, w) for title, w in zip(titles, widths, strict=True)]]
+        rows += [
+            [para(cell, body, w) for cell, w in zip(_cells(entry, render), widths, strict=True)]
+            for entry in entries
+        ]
+        table = Table(rows, colWidths=widths, repeatRows=1)
         table.setStyle(
             TableStyle(
                 [
@@ -696,15 +710,49 @@ def _manifest_pdf(
         )
         story.append(table)
     else:
-        story.append(para(render("export.manifest.empty", {}), line))
+        story.append(para(render("export.manifest.empty", {}), line, width))
     if case.answers:
-        story += [Spacer(1, 6 * mm), para(render("export.manifest.answers", {}), line)]
-        answers = [[para(item, body), para(text, body)] for item, text in case.answers]
-        story.append(Table(answers, colWidths=[70 * mm, width - 70 * mm]))
+        story += [Spacer(1, 6 * mm), para(render("export.manifest.answers", {}), line, width)]
+        widths = [70 * mm, width - 70 * mm]
+        answers = [
+            [para(item, body, widths[0]), para(text, body, widths[1])]
+            for item, text in case.answers
+        ]
+        story.append(Table(answers, colWidths=widths))
     buffer = io.BytesIO()
     margins = {f"{side}Margin": 12 * mm for side in ("left", "right", "top", "bottom")}
     SimpleDocTemplate(buffer, pagesize=landscape(A4), title=heading, **margins).build(story)
     return buffer.getvalue()
+
+
+# -- right-to-left text (Arabic, Hebrew) --------------------------------------------------
+
+# What a table cell and the page's frame keep clear on each side (reportlab's default 6 pt),
+# plus a point for rounding: a line wrapped here must never be wrapped again by reportlab.
+_PADDING = 7.0
+
+
+def _right_to_left(text: str) -> bool | None:
+    """Whether the text's first strong character is right-to-left; None when it has no
+    right-to-left character at all (nothing to do)."""
+    classes = [unicodedata.bidirectional(char) for char in text]
+    if not any(kind in ("R", "AL") for kind in classes):
+        return None
+    return next(kind != "L" for kind in classes if kind in ("L", "R", "AL"))
+
+
+def _visual_lines(text: str, style: ParagraphStyle, width: float) -> tuple[str, bool]:
+    """Text with right-to-left runs drawn as a reader expects: reportlab lays out glyphs
+    left to right in the order given and knows neither Arabic's joined letter forms nor
+    the bidirectional algorithm, so Arabic came out as separate letters, words reversed.
+    The letters are shaped (presentation forms, which the fonts have), the text wrapped
+    here to `width` in reading order, then each line put in display order (wrapping after
+    reordering would put a paragraph's last line first). Returns the lines and whether the
+    paragraph reads right to left (to align it right)."""
+    rtl = bool(_right_to_left(text))
+    lines = simpleSplit(arabic_reshaper.reshape(text), style.fontName, style.fontSize, width)
+    base = "R" if rtl else "L"
+    return "\n".join(get_display(line, base_dir=base) for line in lines), rtl
 
 
 # -- fonts: Latin, Thai and Chinese in one document -----------------------------------

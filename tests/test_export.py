@@ -14,6 +14,7 @@ import re
 import shutil
 import stat
 import subprocess
+import unicodedata
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ import pyzipper
 from babel.messages.pofile import read_po
 from pydicom.data import get_testdata_file
 from pydicom.fileset import FileSet
+from reportlab.lib.styles import ParagraphStyle
 from sqlmodel import select
 
 from adapters import audit
@@ -33,6 +35,10 @@ from adapters.export import (
     MESSAGE_KEYS,
     Bundle,
     ExportError,
+    _Case,
+    _fonts,
+    _manifest_pdf,
+    _visual_lines,
     build_bundle,
     new_password,
     safe_component,
@@ -397,3 +403,52 @@ def test_passwords_are_fresh_and_unambiguous() -> None:
     assert len(passwords) == 200
     assert all(PASSWORD.fullmatch(p) for p in passwords)
     assert not set("".join(passwords)) & set("0O1lI")
+
+
+ARABIC_ANSWER = (
+    "أتناول دواء الميتفورمين مرتين يوميا بعد الأكل، ولدي حساسية من البنسلين والأسبرين منذ "
+    "الطفولة، وأعاني من ارتفاع ضغط الدم منذ خمس سنوات، وأجريت عملية استئصال الزائدة الدودية "
+    "قبل عشر سنوات في مستشفى المدينة، ولا أدخن ولا أشرب الكحول، وأمارس المشي كل صباح لمدة "
+    "نصف ساعة، وآخر فحص للدم كان في الشهر الماضي وكانت النتائج طبيعية"
+)
+MIXED_ANSWER = "Metformin 500 mg مرتين يوميا بعد الأكل"
+
+
+def test_arabic_in_the_manifest_reads_in_order_with_its_letters_joined() -> None:
+    """Arabic (the Arabic catalog's words, a patient's typed answers) is drawn as a reader
+    expects: letters in their joined forms, which the manifest's font has, right to left,
+    a long answer's lines top to bottom. PDFium, Chrome's PDF reader, reads the answer back
+    as the very text typed (unjoined letters in the order stored came back reversed).
+    Latin and digits inside keep their own order: a case id in an Arabic title, an Arabic
+    note in a Latin answer."""
+    with (Path(__file__).resolve().parent.parent / "locales/ar/LC_MESSAGES/messages.po").open(
+        "rb"
+    ) as po:
+        arabic = {str(m.id): str(m.string) for m in read_po(po) if m.id and m.string}
+
+    def render_arabic(key: str, params: dict[str, object]) -> str:
+        return (arabic.get(key) or key).format_map(params)
+
+    case = _Case(
+        case_id="0123456789abcdef0123456789abcdef",
+        key=b"",
+        checklist=None,
+        sources=[],
+        answers=[("Medication", ARABIC_ANSWER), ("Allergies", MIXED_ANSWER)],
+    )
+    text = pdf_text(_manifest_pdf(case, [], None, render_arabic))
+    assert squeezed(ARABIC_ANSWER) in squeezed(text)
+    wrapped = [line for line in text.splitlines() if set(line) & set("البنسلينالطفولة")]
+    assert len(wrapped) >= 3  # the answer's lines, each in its place
+
+    style = ParagraphStyle("body", fontName=_fonts()[0].name, fontSize=8)
+    drawn, rtl = _visual_lines(ARABIC_ANSWER, style, 400)
+    assert rtl and drawn.count("\n") >= 2
+    letters = [char for char in drawn if unicodedata.category(char) == "Lo"]
+    assert all("\ufb50" <= char <= "\ufeff" for char in letters)  # each in its joined form
+    assert all(_fonts()[0].covers(ord(char)) for char in drawn if not char.isspace())
+    title = render_arabic("export.manifest.title", {"case_id": case.case_id})
+    drawn, rtl = _visual_lines(title, style, 1000)
+    assert rtl and drawn.startswith(case.case_id)  # read last, so leftmost, and intact
+    drawn, rtl = _visual_lines(MIXED_ANSWER, style, 1000)
+    assert not rtl and drawn.startswith("Metformin 500 mg ")
