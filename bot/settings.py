@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     web_port: int | None = Field(default=None, ge=1, le=65535)
     # The reverse proxies in front (addresses or networks): from them, the upload page's
     # per-address limits take the patient's address from X-Forwarded-For (bot/upload.py).
-    web_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
+    # By default a proxy on this machine: only it can reach WEB_HOST=127.0.0.1.
+    web_trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ("127.0.0.1/32", "::1/128")
     # Telegram sends it back with every webhook call; a call without it is refused (401).
     webhook_secret: str | None = None
     # Redis shared by the instances of a cluster; /readyz pings it when set.

@@ -192,6 +192,13 @@ async def server(tmp_path: Path) -> AsyncIterator[UploadServer]:
         yield upload_server
 
 
+@pytest.fixture
+async def unproxied_server(tmp_path: Path) -> AsyncIterator[UploadServer]:
+    """The upload server trusting no proxy: the tests' own address is a client's."""
+    async for upload_server in serving(tmp_path, PART, web_trusted_proxies=""):
+        yield upload_server
+
+
 def current(server: UploadServer) -> App:
     assert server.app is not None
     return server.app
@@ -1213,11 +1220,13 @@ async def test_limits_headers_and_no_listing(server: UploadServer) -> None:
 
 
 async def test_guessing_tokens_is_rate_limited_without_locking_patients_out(
-    server: UploadServer,
+    unproxied_server: UploadServer,
 ) -> None:
     """Ten wrong links from an address, then it waits (429); a good link still works. An
-    X-Forwarded-For header is ignored without WEB_TRUSTED_PROXIES: each guess here claims
-    another address and all of them count against the connection's own."""
+    X-Forwarded-For header is ignored from an address that is not a trusted proxy (here
+    WEB_TRUSTED_PROXIES names none): each guess claims another address and all of them
+    count against the connection's own."""
+    server = unproxied_server
     app = current(server)
     case_id = await collecting_case(app, CHAT_A)
     link = await server.links().issue_link(case_id, "imaging", CHAT_A)
@@ -1245,7 +1254,10 @@ async def test_behind_a_trusted_proxy_each_address_has_its_own_budget(tmp_path: 
     for the proxy's), the limits count the address the proxy put last in X-Forwarded-For:
     a stranger guessing links from one address is held back while another address is not,
     and an address the stranger writes to the left of the proxy's entry buys nothing. The
-    setting takes addresses and networks, and refuses anything else."""
+    setting takes addresses and networks (by default this machine's), and refuses anything
+    else."""
+    assert Settings(data_dir=tmp_path).web_trusted_proxies == ("127.0.0.1/32", "::1/128")
+    assert Settings(data_dir=tmp_path, web_trusted_proxies="").web_trusted_proxies == ()
     async for server in serving(tmp_path, PART, web_trusted_proxies="127.0.0.1, 10.0.0.0/8"):
         assert server.settings.web_trusted_proxies == ("127.0.0.1/32", "10.0.0.0/8")
         async with aiohttp.ClientSession() as http:
