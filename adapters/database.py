@@ -19,6 +19,7 @@ from sqlalchemy.dialects.sqlite.aiosqlite import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.util import EMPTY_DICT
 
 
@@ -296,6 +297,8 @@ def create_engine(url: str, *, readonly: bool = False) -> AsyncEngine:
     engine = create_async_engine(
         url,
         module=_SqliteDBAPI(readonly),
+        # A pool, as on PostgreSQL (SQLAlchemy before 2.0.38 gave file databases none).
+        poolclass=AsyncAdaptedQueuePool,
         pool_size=POOL_SIZE,
         max_overflow=POOL_OVERFLOW,
         # InlineCursor uses the connection from the event loop's thread too, never at the same
