@@ -150,6 +150,10 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
             result = await connection._execute(
                 _statement_trip, connection, operation, parameters, many
             )
+        self._keep(result)
+
+    def _keep(self, result: tuple[Any, list[Any], int, int | None]) -> None:
+        """A statement's outcome (see _run_statement), for the caller to read from here."""
         self._description, rows, self._rowcount, self._lastrowid = result
         self._rows = collections.deque(rows)
 
@@ -219,17 +223,14 @@ class InlineCursor(OneTripCursor):
 
     async def _trip(self, operation: str, parameters: Any, many: bool) -> None:
         if operation == "BEGIN IMMEDIATE" and self._began_here():
-            self._description, self._rowcount, self._lastrowid = None, -1, None
-            self._rows = collections.deque()
+            self._keep((None, [], -1, None))  # what any BEGIN gives: no rows
             return
         connection = self._inline(operation)
         if connection is None:
             await super()._trip(operation, parameters, many)
             return
         # Still a coroutine: SQLAlchemy's async layer expects one (and a switch to it).
-        result = _run_statement(connection, operation, parameters, many)
-        self._description, rows, self._rowcount, self._lastrowid = result
-        self._rows = collections.deque(rows)
+        self._keep(_run_statement(connection, operation, parameters, many))
 
 
 class _SqliteConnection(AsyncAdapt_aiosqlite_connection):
