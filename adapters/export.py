@@ -668,8 +668,8 @@ def _manifest_pdf(
 
     def para(text: str, style: ParagraphStyle, width: float) -> Paragraph:
         """`text` as a paragraph `width` points wide (its frame or cell, padding included)."""
-        if _right_to_left(text) is not None:
-            text, rtl = _visual_lines(text, style, width - 2 * _PADDING)
+        if (laid_out := _visual_lines(text, style, width - 2 * _PADDING)) is not None:
+            text, rtl = laid_out
             if rtl:
                 style = ParagraphStyle(f"{style.name}-rtl", parent=style, alignment=TA_RIGHT)
         return Paragraph(_markup(text, fonts), style)
@@ -730,26 +730,22 @@ def _manifest_pdf(
 # What a table cell and the page's frame keep clear on each side (reportlab's default 6 pt),
 # plus a point for rounding: a line wrapped here must never be wrapped again by reportlab.
 _PADDING = 7.0
+_STRONG = ("L", "R", "AL")  # the bidirectional classes that set a paragraph's direction
 
 
-def _right_to_left(text: str) -> bool | None:
-    """Whether the text's first strong character is right-to-left; None when it has no
-    right-to-left character at all (nothing to do)."""
-    classes = [unicodedata.bidirectional(char) for char in text]
-    if not any(kind in ("R", "AL") for kind in classes):
-        return None
-    return next(kind != "L" for kind in classes if kind in ("L", "R", "AL"))
-
-
-def _visual_lines(text: str, style: ParagraphStyle, width: float) -> tuple[str, bool]:
+def _visual_lines(text: str, style: ParagraphStyle, width: float) -> tuple[str, bool] | None:
     """Text with right-to-left runs drawn as a reader expects: reportlab lays out glyphs
     left to right in the order given and knows neither Arabic's joined letter forms nor
     the bidirectional algorithm, so Arabic came out as separate letters, words reversed.
     The letters are shaped (presentation forms, which the fonts have), the text wrapped
     here to `width` in reading order, then each line put in display order (wrapping after
     reordering would put a paragraph's last line first). Returns the lines and whether the
-    paragraph reads right to left (to align it right)."""
-    rtl = bool(_right_to_left(text))
+    paragraph reads right to left (its first strong character: to align it right); None
+    for text with nothing right-to-left in it (left as it is)."""
+    strong = [kind for char in text if (kind := unicodedata.bidirectional(char)) in _STRONG]
+    if "R" not in strong and "AL" not in strong:
+        return None
+    rtl = strong[0] != "L"
     lines = simpleSplit(arabic_reshaper.reshape(text), style.fontName, style.fontSize, width)
     base = "R" if rtl else "L"
     return "\n".join(get_display(line, base_dir=base) for line in lines), rtl

@@ -442,13 +442,20 @@ def test_arabic_in_the_manifest_reads_in_order_with_its_letters_joined() -> None
     assert len(wrapped) >= 3  # the answer's lines, each in its place
 
     style = ParagraphStyle("body", fontName=_fonts()[0].name, fontSize=8)
-    drawn, rtl = _visual_lines(ARABIC_ANSWER, style, 400)
+
+    def laid_out(text: str, width: float) -> tuple[str, bool]:
+        result = _visual_lines(text, style, width)
+        assert result is not None
+        return result
+
+    assert _visual_lines("Metformin 500 mg", style, 1000) is None  # nothing to do
+    drawn, rtl = laid_out(ARABIC_ANSWER, 400)
     assert rtl and drawn.count("\n") >= 2
     letters = [char for char in drawn if unicodedata.category(char) == "Lo"]
     assert all("\ufb50" <= char <= "\ufeff" for char in letters)  # each in its joined form
     assert all(_fonts()[0].covers(ord(char)) for char in drawn if not char.isspace())
     title = render_arabic("export.manifest.title", {"case_id": case.case_id})
-    drawn, rtl = _visual_lines(title, style, 1000)
+    drawn, rtl = laid_out(title, 1000)
     assert rtl and drawn.startswith(case.case_id)  # read last, so leftmost, and intact
-    drawn, rtl = _visual_lines(MIXED_ANSWER, style, 1000)
+    drawn, rtl = laid_out(MIXED_ANSWER, 1000)
     assert not rtl and drawn.startswith("Metformin 500 mg ")
