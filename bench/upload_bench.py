@@ -19,6 +19,9 @@ over loopback:
   the durable sink: the same chunks stored and fsynced, without encryption or the vault;
 * the same to the real upload sub-app (bot.upload) on a real App: every chunk encrypted into
   its own vault blob (not fsynced: see adapters.uploads) before it is acknowledged;
+* the same to that sub-app with the vault's writes dropped (the chunks sealed, the sealed
+  blocks not written: a reference, not a product mode): what writing every byte to the disk
+  costs the endpoint;
 * with --compare REV, the same again to the upload sub-app as of git revision REV (its tree
   extracted with `git archive`, run on this venv and the compiled catalogs): before and after
   a change, side by side in one run;
@@ -41,6 +44,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,7 +69,8 @@ MIB = 1024 * 1024
 
 def serve_sink(port: int, durable: bool) -> None:
     """Reads each body and drops it; `durable`: writes it to a file and fsyncs first (the
-    durability the upload had when it fsynced each chunk, without encryption or checks)."""
+    durability the upload had when it fsynced each chunk, without encryption or checks), then
+    deletes the file (what is measured is done; a run would otherwise leave GiBs behind)."""
     from aiohttp import web
 
     spool = Path(tempfile.mkdtemp(prefix="sink-"))
@@ -78,13 +83,15 @@ def serve_sink(port: int, durable: bool) -> None:
                 pass
             return web.json_response({"ok": True})
         count += 1
-        fd = os.open(spool / str(count), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path = spool / str(count)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             async for piece in request.content.iter_chunked(MIB):
                 await asyncio.to_thread(os.write, fd, piece)
             await asyncio.to_thread(os.fsync, fd)
         finally:
             os.close(fd)
+            path.unlink()
         return web.json_response({"ok": True})
 
     async def main() -> None:
@@ -96,15 +103,20 @@ def serve_sink(port: int, durable: bool) -> None:
         print("ready", flush=True)
         await asyncio.Event().wait()
 
+    # stop() ends a server with SIGTERM: as an exit, so that the spool is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         asyncio.run(main())
     finally:
         shutil.rmtree(spool, ignore_errors=True)
 
 
-def serve_upload(data_dir: Path, port: int, cases: int) -> None:
+def serve_upload(data_dir: Path, port: int, cases: int, unstored: bool = False) -> None:
     """The upload sub-app on the bot's own server set-up (bot.web.start_server); prints one
-    link per case (a link serves one upload: each round needs its own)."""
+    link per case (a link serves one upload: each round needs its own). `unstored`: a
+    reference, not the product: the vault seals every chunk as always but drops the sealed
+    blocks instead of writing them to the disk (the parts it keeps are then short and could
+    not be handed over): what the endpoint would reach if writing cost nothing."""
     import logging
 
     from aiohttp import web
@@ -120,6 +132,13 @@ def serve_upload(data_dir: Path, port: int, cases: int) -> None:
     from core.ports import Patient
 
     logging.basicConfig(level=logging.WARNING)
+    if unstored:
+        from adapters.vault import BlobWriter
+
+        def dropped(self: BlobWriter, blocks: memoryview) -> None:
+            """In place of BlobWriter._write_blocks: every whole block, sealed, goes nowhere."""
+
+        BlobWriter._write_blocks = dropped  # type: ignore[method-assign]  # the reference's point
     settings = Settings(data_dir=data_dir, bot_token="123456:BENCH-token_abcdefghijklmnop")  # noqa: S106
     prepare(settings)
 
@@ -189,6 +208,18 @@ def start_sink(flag: str) -> tuple[subprocess.Popen[str], str]:
     process, _ = start(flag, str(port))
     wait_for_port(port)
     return process, f"http://127.0.0.1:{port}/sink"
+
+
+def start_upload(
+    flag: str, data_dir: Path, rounds: int, root: Path = ROOT
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """An upload server (`flag`: --serve or --serve-unstored) as of `root`'s tree, once it
+    listens: the process, its API's URL and one link's token per round."""
+    port = free_port()
+    process, links = start(flag, str(data_dir), str(port), str(rounds), root=root)
+    wait_for_port(port)
+    tokens = [link.rsplit("/", 1)[1] for link in links.split()]
+    return process, f"http://127.0.0.1:{port}/upload/api", tokens
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -397,12 +428,14 @@ def main() -> int:
     parser.add_argument("--sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--durable-sink", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-unstored", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink or args.durable_sink:
         serve_sink(args.sink or args.durable_sink, durable=bool(args.durable_sink))
         return 0
-    if args.serve:
-        serve_upload(Path(args.serve[0]), int(args.serve[1]), int(args.serve[2]))
+    if args.serve or args.serve_unstored:
+        data_dir, port, cases = args.serve or args.serve_unstored
+        serve_upload(Path(data_dir), int(port), int(cases), unstored=bool(args.serve_unstored))
         return 0
     for tool in ("curl", "dd", "cat"):
         if shutil.which(tool) is None:
@@ -425,28 +458,20 @@ def main() -> int:
 
         sink, sink_url = start_sink("--sink")
         durable, durable_url = start_sink("--durable-sink")
-        port = free_port()
-        server, links = start("--serve", str(work / "data"), str(port), str(args.rounds))
+        server, api, tokens = start_upload("--serve", work / "data", args.rounds)
         servers += [sink, durable, server]
-        wait_for_port(port)
         rss_idle = peak_rss_mib(server.pid)
-        api = f"http://127.0.0.1:{port}/upload/api"
-        tokens = [link.rsplit("/", 1)[1] for link in links.split()]
+        unstored, unstored_api, unstored_tokens = start_upload(
+            "--serve-unstored", work / "data-unstored", args.rounds
+        )
+        servers.append(unstored)
         before_api, before_tokens = "", [""] * args.rounds
         if args.compare:
             old_root = extract_revision(args.compare, work / "before")
-            before_port = free_port()
-            before, before_links = start(
-                "--serve",
-                str(work / "data-before"),
-                str(before_port),
-                str(args.rounds),
-                root=old_root,
+            before, before_api, before_tokens = start_upload(
+                "--serve", work / "data-before", args.rounds, root=old_root
             )
             servers.append(before)
-            wait_for_port(before_port)
-            before_api = f"http://127.0.0.1:{before_port}/upload/api"
-            before_tokens = [link.rsplit("/", 1)[1] for link in before_links.split()]
 
         def timed(run: Callable[[], float]) -> float:
             os.sync()  # each measure starts with no dirty pages left by the one before
@@ -472,7 +497,9 @@ def main() -> int:
             return measure
 
         rounds: list[dict[str, float]] = []
-        for number, (token, before_token) in enumerate(zip(tokens, before_tokens, strict=True)):
+        for number, (token, unstored_token, before_token) in enumerate(
+            zip(tokens, unstored_tokens, before_tokens, strict=True)
+        ):
             measures: dict[str, Callable[[], float]] = {
                 "curl": costed("curl", sink.pid, lambda: curl_upload(paths, sink_url)),
                 "durable": costed("durable", durable.pid, lambda: curl_upload(paths, durable_url)),
@@ -490,6 +517,11 @@ def main() -> int:
                     "upload",
                     server.pid,
                     lambda: protocol_upload(files, bodies, api, token),  # noqa: B023 - called in this iteration only
+                ),
+                "unstored": costed(
+                    "unstored",
+                    unstored.pid,
+                    lambda: protocol_upload(files, bodies, unstored_api, unstored_token),  # noqa: B023 - called in this iteration only
                 ),
             }
             if args.compare:
@@ -538,6 +570,7 @@ def main() -> int:
         print(f"page protocol (curl) -> sink                {rate('client')}")
         print(f"page protocol (curl) -> durable sink        {rate('client_durable')}")
         print(f"page protocol (curl) -> upload endpoint     {rate('upload')}")
+        print(f"the same, its disk writes dropped (a ref.)  {rate('unstored')}")
         if args.compare:
             print(f"the same -> upload endpoint as of {args.compare:<9} {rate('before')}")
             print(
@@ -565,16 +598,20 @@ def main() -> int:
             f"uploads, {rss_handover:.0f} MiB after the hand-over; sinks {sink_rss:.0f} and "
             f"{durable_rss:.0f} MiB"
         )
-        # Two ceilings for the endpoint, as fractions of curl to the sink. It writes every
-        # byte it is sent: it cannot outrun the disk's own writes past the page cache. And
-        # client and server share this machine's cores: costing more CPU per GiB than curl
-        # to the sink, it reaches at most their ratio at the same use of the cores.
+        # What bounds the endpoint, as fractions of curl to the sink. Client and server share
+        # this machine's cores: costing more CPU per GiB than curl to the sink, it reaches at
+        # most their ratio at the same use of the cores. And it writes every byte it is sent:
+        # the same server with its sealed blocks dropped instead (a reference, not a product
+        # mode) shows what the writing costs, in speed and in CPU, beyond the disk's own speed.
         sink_cost, upload_cost = sum(costs("curl")), sum(costs("upload"))
         print(
-            f"ceilings for the endpoint, to curl -> sink: the disk (O_DIRECT writes) "
-            f"{ratio('curl', 'direct'):.2f}x; the CPU, {sink_cost / upload_cost:.2f}x "
-            f"(server and client per GiB: {upload_cost:.2f} s, curl -> sink {sink_cost:.2f} s, "
-            f"{os.cpu_count()} cores)"
+            f"bounds, to curl -> sink: the CPU at the sink's use of the cores "
+            f"{sink_cost / upload_cost:.2f}x (server and client per GiB: endpoint "
+            f"{upload_cost:.2f} s, curl -> sink {sink_cost:.2f} s, {os.cpu_count()} cores); "
+            f"the endpoint without its disk writes {ratio('curl', 'unstored'):.2f}x (writing "
+            f"costs it {ratio('unstored', 'upload'):.2f}x its speed and "
+            f"{costs('upload')[0] - costs('unstored')[0]:.2f} s of server CPU per GiB); the "
+            f"disk's own O_DIRECT writes {ratio('curl', 'direct'):.2f}x"
         )
         print(f"load average {os.getloadavg()[0]:.1f} at the end")
         print(

@@ -7,7 +7,7 @@
 set -u
 
 PACKAGES=(tesseract-ocr tesseract-ocr-eng tesseract-ocr-chi-sim tesseract-ocr-tha
-  tesseract-ocr-rus fonts-noto-cjk fonts-thai-tlwg fonts-dejavu-core p7zip-full chromium)
+  tesseract-ocr-rus fonts-noto-cjk fonts-thai-tlwg fonts-dejavu-core p7zip-full chromium curl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
