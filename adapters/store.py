@@ -381,13 +381,15 @@ class SqlTransaction:
         for member in (await self.session.exec(members)).all():
             member.name_enc, member.sha256 = None, ""
             self.session.add(member)
-        self.session.add(
-            ErasureRow(
-                chat_hash=self.keys.chat_hash(row.chat_id),
-                up_to_update_id=up_to_update_id or 0,
-                erased_at=utcnow(),
-            )
+        # One tombstone per chat and update: the chat's earlier case may have left this one
+        # (erasures by the retention rule all stand "up to update 0"): it is renewed.
+        chat_hash, up_to = self.keys.chat_hash(row.chat_id), up_to_update_id or 0
+        now = utcnow()
+        tombstone = await self.session.get(ErasureRow, (chat_hash, up_to)) or ErasureRow(
+            chat_hash=chat_hash, up_to_update_id=up_to, erased_at=now
         )
+        tombstone.erased_at = now
+        self.session.add(tombstone)
         # The audit keeps only that an erasure happened, and who asked (the patient, or the
         # retention rule); nothing of what was erased.
         actor = "patient" if up_to_update_id is not None else "system"

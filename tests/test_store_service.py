@@ -13,7 +13,7 @@ from sqlmodel import func, select
 
 from adapters import store as store_module
 from adapters.store import utcnow
-from adapters.tables import CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
+from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
 from bot.shell import LocalFileSource, local_incoming
@@ -449,3 +449,27 @@ async def test_old_handled_updates_and_sent_messages_are_pruned(
     assert sorted(inbox) == [(100, "done"), (101, "parked"), (102, "new")]
     assert sorted(outbox) == ["pending", "sent"]
     assert await app.store.prune_handled(now) == (0, 0)
+
+
+async def test_retention_erases_a_second_case_of_the_same_chat(app: App, tmp_path: Path) -> None:
+    """Each erasure by the retention rule leaves a tombstone of the chat "up to update 0":
+    the chat's next case, erased in its turn, must not trip over the first one's."""
+    patient = Patient(53, 53, "en")
+
+    async def age_and_erase() -> int:
+        async with app.store.session() as session:
+            row = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 53))).one()
+            row.completed_at = row.completed_at - timedelta(days=400)  # type: ignore[operator]
+            session.add(row)
+        return await app.service.erase_expired(365)
+
+    await walk_to_complete(app, patient, tmp_path, 400)
+    assert await age_and_erase() == 1
+    await walk_to_complete(app, patient, tmp_path, 500)
+    assert await count(app, CaseRow) == 1
+    assert await age_and_erase() == 1
+    assert await count(app, CaseRow) == 0 and list(app.vault.iter_blob_ids()) == []
+    async with app.store.session() as session:
+        query = select(AuditRow).where(AuditRow.action == "case.erase")
+        erasures = (await session.exec(query)).all()
+    assert [entry.actor for entry in erasures] == ["system", "system"]
