@@ -9,8 +9,12 @@ A backup folder holds::
 
 The database is copied first and the blobs after: blobs are immutable once written, so
 every row in the copy finds its blob, and blobs written meanwhile are harmless extras
-(restore leaves out those no row points to). The master key is never copied: a backup is
-ciphertext only, and useless without the key kept apart.
+(restore leaves out those no row points to). All but erasures: a case erased while the backup
+runs is whole in the database copy, but its blobs may be gone before they are copied. The
+manifest names the cases the live database says were erased since just before the backup
+began, and restore completes their erasure before it brings back any blob: a patient's
+erasure is never undone by a restore, and the restored files all check out. The master key is
+never copied: a backup is ciphertext only, and useless without the key kept apart.
 """
 
 from __future__ import annotations
@@ -26,22 +30,23 @@ import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
-from sqlmodel import select
+from sqlmodel import col, select
 
 from adapters import keys
 from adapters.database import create_engine, is_sqlite
 from adapters.durable import fsync_dir
+from adapters.erasure import Eraser
 from adapters.keyops import VerifyReport, verify_all
 from adapters.keyring import KeyRing
 from adapters.migrate import current_revision, refuse_unknown, upgrade
 from adapters.store import SqlStore
-from adapters.tables import FileMemberRow, FileRow
+from adapters.tables import AuditRow, CaseRow, FileMemberRow, FileRow
 from adapters.vault import Vault
 
 Echo = Callable[[str], None]
@@ -56,7 +61,13 @@ KEY_NOT_INCLUDED = (
 )
 # The only names a manifest may give besides the database's: never a path outside the target.
 _BLOB_PATH = re.compile(r"vault/blobs/([A-Za-z0-9_-]{2})/([A-Za-z0-9_-]{8,128})")
+_CASE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _COPY_PIECE = 1 << 20
+# How long before the backup began an erasure counts as "while it ran": the audit's times come
+# from the clocks of the machines that erased, which may be a little off this one's. A case
+# erased before the copy is erased in it too (restore then has nothing to do for it).
+ERASURE_SLACK = timedelta(minutes=10)
+ERASED_DURING = "erased_during"  # the manifest's list of those cases
 
 
 class BackupError(Exception):
@@ -69,6 +80,7 @@ class RestoreResult:
     blobs: int
     left_out: int  # blobs in the backup that no row points to
     report: VerifyReport
+    erased: int = 0  # cases erased while the backup ran, their erasure completed here
 
 
 # ----------------------------------------------------------------------------- files
@@ -233,6 +245,7 @@ async def backup(database_url: str, vault_root: Path, dest: Path, echo: Echo = p
     dest.chmod(0o700)  # an empty folder the operator made
     revision = await current_revision(database_url)
     kind = "sqlite" if is_sqlite(database_url) else "postgresql"
+    began = datetime.now(UTC)
     echo(f"copying the {kind} database (schema {revision})")
     database_file = await asyncio.to_thread(_dump_database, database_url, dest)
     files = {database_file: await asyncio.to_thread(_sha256, dest / database_file)}
@@ -254,12 +267,16 @@ async def backup(database_url: str, vault_root: Path, dest: Path, echo: Echo = p
     echo(f"copied {blobs} encrypted blob(s)")
     if vanished:
         echo(f"{vanished} blob(s) were erased while copying (their cases were being erased)")
+    erased = await _erased_since(database_url, began - ERASURE_SLACK)
+    if erased:
+        echo(f"{len(erased)} case(s) were erased while the backup ran: restore erases them too")
     manifest = {
         "format": FORMAT,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "database": kind,
         "schema": revision,
         "files": files,
+        ERASED_DURING: erased,
     }
     with _private_file(dest / MANIFEST) as out:
         out.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -271,11 +288,26 @@ async def backup(database_url: str, vault_root: Path, dest: Path, echo: Echo = p
     return len(files)
 
 
+async def _erased_since(database_url: str, since: datetime) -> list[str]:
+    """Ids of the cases the live database's audit says were erased at or after `since`."""
+    query = select(AuditRow.case_id).where(
+        col(AuditRow.action) == "case.erase", col(AuditRow.at) >= since
+    )
+    engine = create_engine(database_url, readonly=True)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(query)
+            return sorted({case_id for (case_id,) in rows if case_id})
+    finally:
+        await engine.dispose()
+
+
 # ---------------------------------------------------------------------------- restore
 
 
-def _read_manifest(src: Path, kind: str) -> dict[str, str]:
-    """The manifest's file list, every name safe and every file matching its checksum."""
+def _read_manifest(src: Path, kind: str) -> tuple[dict[str, str], list[str]]:
+    """The manifest's file list, every name safe and every file matching its checksum, and
+    the cases erased while the backup ran."""
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
@@ -299,13 +331,18 @@ def _read_manifest(src: Path, kind: str) -> dict[str, str]:
     unlisted = set(_files_under(src)) - set(files) - {MANIFEST}
     if unlisted:
         raise BackupError(f"{min(unlisted)} is in the backup but not in its manifest: refused")
+    erased = manifest.get(ERASED_DURING, [])  # none in a backup made before they were listed
+    if not isinstance(erased, list) or not all(
+        isinstance(case_id, str) and _CASE_ID.fullmatch(case_id) for case_id in erased
+    ):
+        raise BackupError(f"{src / MANIFEST} lists erased cases that are not case ids: refused")
     for name, expected in sorted(files.items()):
         path = src / name
         if not path.is_file():
             raise BackupError(f"{name} is listed in the manifest but missing: refused")
         if _sha256(path) != expected:
             raise BackupError(f"{name} does not match its checksum in the manifest: refused")
-    return files
+    return files, erased
 
 
 def _valid_blob_path(name: str) -> bool:
@@ -325,6 +362,22 @@ async def _referenced_blobs(store: SqlStore) -> set[str]:
         files = (await session.exec(select(FileRow.blob_id))).all()
         members = (await session.exec(select(FileMemberRow.blob_id))).all()
     return {*files, *members}
+
+
+async def _complete_erasures(store: SqlStore, vault: Vault, case_ids: list[str]) -> int:
+    """Erase the cases erased while the backup ran (whole in its database copy), then
+    finish every erasure under way in the copy: none of their blobs is brought back.
+    Returns how many cases were erased here."""
+    erased = 0
+    for case_id in case_ids:
+        async with store.transaction() as tx:
+            case = await tx.session.get(CaseRow, case_id)
+            if case is None or case.state == "erased":
+                continue  # erased before the copy was taken (the slack), or never restored
+            await tx.erase_case(case_id, None, operator="erased while the backup ran")
+            erased += 1
+    await Eraser(store, vault).finish_pending()
+    return erased
 
 
 async def restore(
@@ -350,7 +403,7 @@ async def restore(
     if next(_blob_ids(vault_root), None) is not None:
         raise BackupError(f"{vault_root} already holds blobs: restore needs an empty vault")
 
-    files = await asyncio.to_thread(_read_manifest, src, kind)
+    files, erased_during = await asyncio.to_thread(_read_manifest, src, kind)
     echo(f"checked {len(files)} file(s) against the manifest: all match")
 
     # The database first: its rows say which blobs to bring back.
@@ -366,9 +419,12 @@ async def restore(
     ring = KeyRing(master)
     store = SqlStore(create_engine(database_url), ring)
     try:
-        wanted = await _referenced_blobs(store)
         _private_dirs(vault_root.parent)  # Vault() makes only its own folders
         vault = Vault(vault_root)
+        erased = await _complete_erasures(store, vault, erased_during)
+        if erased:
+            echo(f"erased {erased} case(s) again: they were erased while the backup ran")
+        wanted = await _referenced_blobs(store)
         in_backup = {m[2]: name for name in files if (m := _BLOB_PATH.fullmatch(name))}
 
         def copy_blobs() -> int:
@@ -389,4 +445,4 @@ async def restore(
         report = await verify_all(store, vault, ring)
     finally:
         await store.engine.dispose()
-    return RestoreResult(len(files), blobs, left_out, report)
+    return RestoreResult(len(files), blobs, left_out, report, erased)

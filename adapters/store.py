@@ -351,11 +351,14 @@ class SqlTransaction:
         )
         return (await self.session.exec(query)).first() is not None
 
-    async def erase_case(self, case_id: str, up_to_update_id: int | None) -> None:
+    async def erase_case(
+        self, case_id: str, up_to_update_id: int | None, *, operator: str = ""
+    ) -> None:
         """Crypto-erase: destroy the case key and every readable field, leave a tombstone.
 
         After this commit nothing of the case can be decrypted; `adapters.erasure` then
         removes the blobs and the remaining rows (and resumes that after a crash).
+        `operator`: an operator's tool erases it, for this reason (the audit's detail).
         """
         row = await self.session.get(CaseRow, case_id)
         if row is None:
@@ -390,10 +393,12 @@ class SqlTransaction:
         )
         tombstone.erased_at = now
         self.session.add(tombstone)
-        # The audit keeps only that an erasure happened, and who asked (the patient, or the
-        # retention rule); nothing of what was erased.
+        # The audit keeps only that an erasure happened, and who asked (the patient, the
+        # retention rule, or an operator's tool, and why); nothing of what was erased.
         actor = "patient" if up_to_update_id is not None else "system"
-        await audit.append(self.session, actor, "case.erase", case_id)
+        await audit.append(
+            self.session, "operator" if operator else actor, "case.erase", case_id, operator
+        )
         self.keys.forget(case_id)
 
     async def take_invite(self, code: str, case_id: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import os
 import shutil
 import stat
@@ -15,14 +16,17 @@ from alembic import command
 from sqlalchemy import text
 from sqlmodel import col, select
 
+from adapters import backup as backup_module
+from adapters.audit import verify_chain
 from adapters.backup import KEY_NOT_INCLUDED, BackupError, backup, find_pg_tool, restore
 from adapters.database import create_engine
 from adapters.keys import load_or_create_master_key
 from adapters.migrate import SchemaTooNewError, alembic_config, upgrade
-from adapters.tables import CaseRow, FileMemberRow, FileRow
+from adapters.tables import AuditRow, CaseRow, FileMemberRow, FileRow
 from bot import doctor
 from bot.app import App, build_app, prepare
 from bot.settings import Settings, load_settings
+from core.events import Event, EventKind
 from core.ports import Patient
 from tests.emulator import BotApiEmulator
 from tests.scenario import PATIENT_NAME, apply_steps, default_steps, walk_to_complete
@@ -309,6 +313,65 @@ async def test_restore_drill(app: App, empty_database: str, tmp_path: Path) -> N
         await copy.close()
 
 
+async def test_a_case_erased_while_the_backup_runs_stays_erased_after_a_restore(
+    app: App, empty_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is copied first; a patient then erases the case, its blobs going before
+    the blobs are copied. The backup names the case; the restore erases it again and
+    finishes the erasure: nothing of it comes back, and every restored file checks out."""
+    kept, leaving = Patient(5101, 5101, "en"), Patient(5102, 5102, "en")
+    await walk_to_complete(app, kept, tmp_path, 1)
+    last = await walk_to_complete(app, leaving, tmp_path, 100)
+    leaving_case = await load(app, leaving.chat_id)
+    assert leaving_case is not None
+    loop = asyncio.get_running_loop()
+    dump_database = backup_module._dump_database
+
+    async def erase() -> None:
+        await app.service.handle(leaving, Event(EventKind.DELETE_REQUEST), last)
+        await app.service.handle(leaving, Event(EventKind.DELETE_CONFIRM), last + 1)
+
+    def dump_then_erase(database_url: str, dest: Path) -> str:
+        copied = dump_database(database_url, dest)
+        asyncio.run_coroutine_threadsafe(erase(), loop).result(timeout=60)
+        return copied
+
+    monkeypatch.setattr(backup_module, "_dump_database", dump_then_erase)
+    said: list[str] = []
+    vault = app.settings.data_dir / "vault"
+    await backup(app.settings.db_url, vault, tmp_path / "backup", said.append)
+    assert await load(app, leaving.chat_id) is None  # erased meanwhile, blobs and all
+    assert "1 case(s) were erased while the backup ran: restore erases them too" in said
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+    assert manifest["erased_during"] == [leaving_case.id]
+
+    restored_dir = with_key_of(app.settings, tmp_path / "restored")
+    said.clear()
+    result = await restore(
+        empty_database,
+        restored_dir / "vault",
+        restored_dir / "master.key",
+        tmp_path / "backup",
+        said.append,
+    )
+    assert result.report.ok, result.report.format()
+    assert result.erased == 1 and result.blobs >= 3
+    assert "erased 1 case(s) again: they were erased while the backup ran" in said
+    copy = build_app(Settings(data_dir=restored_dir, database_url=empty_database))
+    try:
+        assert await load(copy, leaving.chat_id) is None
+        assert await load(copy, kept.chat_id) == await load(app, kept.chat_id)
+        assert set(await plaintexts(copy)) == set(copy.vault.iter_blob_ids())
+        async with copy.store.session() as session:
+            query = select(AuditRow).where(AuditRow.action == "case.erase")
+            erasure = (await session.exec(query)).one()
+        assert (erasure.actor, erasure.case_id) == ("operator", leaving_case.id)
+        assert erasure.detail == "erased while the backup ran"
+        assert await verify_chain(copy.store) == []
+    finally:
+        await copy.close()
+
+
 async def test_backup_and_restore_refuse_what_they_must(tmp_path: Path) -> None:
     app = await open_app(tmp_path / "data", f"sqlite:///{tmp_path / 'data' / 'cc.db'}")
     try:
@@ -347,6 +410,14 @@ async def test_backup_and_restore_refuse_what_they_must(tmp_path: Path) -> None:
     with pytest.raises(BackupError, match=r"stray\.txt is in the backup but not in its manifest"):
         await restore_into_target()
     (tmp_path / "backup" / "stray.txt").unlink()
+    manifest_path = tmp_path / "backup" / "manifest.json"
+    manifest = manifest_path.read_text()
+    listed = json.loads(manifest)
+    assert listed["erased_during"] == []
+    manifest_path.write_text(json.dumps({**listed, "erased_during": ["../../etc"]}))
+    with pytest.raises(BackupError, match="lists erased cases that are not case ids"):
+        await restore_into_target()
+    manifest_path.write_text(manifest)
     assert sorted(os.listdir(target)) == ["master.key"]  # nothing copied by a refused restore
     result = await restore_into_target()
     assert result.report.ok, result.report.format()
