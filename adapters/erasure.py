@@ -1,8 +1,9 @@
-"""Finishing erasures: remove the blobs and rows of crypto-erased cases; retention.
+"""Finishing erasures: remove the blobs, hand-off bundles and rows of crypto-erased cases;
+retention.
 
 The erasure itself (key destroyed, tombstone written) commits in the patient's own
 transaction (`SqlTransaction.erase_case`). What is left here is idempotent and safe to
-repeat after a kill at any point: blobs first, then their rows, then the case row.
+repeat after a kill at any point: blobs and bundles first, then their rows, then the case row.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlmodel import col, select
 
+from adapters.durable import fsync_dir
 from adapters.store import SqlStore
 from adapters.tables import CaseRow, FileMemberRow, FileRow
 from adapters.vault import Vault
@@ -21,9 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class Eraser:
-    def __init__(self, store: SqlStore, vault: Vault) -> None:
+    def __init__(self, store: SqlStore, vault: Vault, exports_dir: Path | None = None) -> None:
         self._store = store
         self._vault = vault
+        self._exports = exports_dir  # where the bot writes hand-off bundles (None: nowhere)
 
     async def finish(self, case_id: str) -> None:
         files = select(FileRow).where(FileRow.case_id == case_id)
@@ -33,6 +37,7 @@ class Eraser:
             blob_ids += [row.blob_id for row in (await session.exec(members)).all()]
         for blob_id in blob_ids:
             await asyncio.to_thread(self._vault.delete, blob_id)
+        bundles = await asyncio.to_thread(self._drop_bundles, case_id)
         async with self._store.session() as session:
             for member in (await session.exec(members)).all():
                 await session.delete(member)
@@ -43,7 +48,20 @@ class Eraser:
             case = await session.get(CaseRow, case_id)
             if case is not None and case.state == "erased":
                 await session.delete(case)
-        log.info("erasure finished case=%s blobs=%d", case_id, len(blob_ids))
+        log.info("erasure finished case=%s blobs=%d bundles=%d", case_id, len(blob_ids), bundles)
+
+    def _drop_bundles(self, case_id: str) -> int:
+        """Delete the case's hand-off bundles (adapters.export names them
+        case-<id>-<time>.zip): encrypted, but with a password the coordinators were given,
+        so the records would outlive the erasure in them. Returns how many."""
+        if self._exports is None or not self._exports.is_dir():
+            return 0
+        bundles = list(self._exports.glob(f"case-{case_id}-*.zip"))
+        for path in bundles:
+            path.unlink(missing_ok=True)
+        if bundles:
+            fsync_dir(self._exports)
+        return len(bundles)
 
     async def finish_pending(self) -> int:
         """Complete every erasure a crash interrupted (run at start)."""

@@ -97,7 +97,7 @@ def build_app(settings: Settings) -> App:
         raise RuntimeError("no compiled catalogs in locales/: run `make setup` (pybabel compile)")
     checklists = load_all()
     ingest = VaultIngest(vault, store, keys, check_in_worker)
-    eraser = Eraser(store, vault)
+    eraser = Eraser(store, vault, settings.exports_dir)
     app_holder: list[App] = []
     service = ConversationService(
         store,

@@ -208,7 +208,7 @@ async def _export(args: argparse.Namespace, app: object) -> int:
     def render(key: str, params: dict[str, object]) -> str:
         return app.translator.text(locale, Text(key, params))
 
-    out = args.out or app.settings.data_dir / "exports"
+    out = args.out or app.settings.exports_dir
     try:
         bundle = await build_bundle(
             app.store, app.vault, app.checklists, args.case_id, out, render=render, actor="operator"

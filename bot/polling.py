@@ -11,7 +11,6 @@ import gc
 import logging
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiogram import Bot, Dispatcher
 from aiogram.client.session.aiohttp import AiohttpSession
@@ -123,10 +122,6 @@ async def set_commands_quietly(bot: Bot, app: App) -> None:
         log.warning("could not set the command menu: %s", type(exc).__name__)
 
 
-def exports_dir(settings: Settings) -> Path:
-    return settings.data_dir / "exports"
-
-
 async def export_case(app: App, case_id: str, actor: str) -> Bundle:
     """The hand-off bundle, its manifest in the coordinators' language (a button's action)."""
     # Imported here, not at start: the ZIP, DICOM and PDF libraries it needs take longer to
@@ -143,7 +138,7 @@ async def export_case(app: App, case_id: str, actor: str) -> Bundle:
         app.vault,
         app.checklists,
         case_id,
-        exports_dir(app.settings),
+        app.settings.exports_dir,
         render=render,
         actor=actor,
     )
@@ -281,7 +276,7 @@ def build_runtime(app: App, bot: Bot, cluster: Solo = SOLO) -> Runtime:
         media=CaseMedia(
             app.store,
             app.vault,
-            exports_dir(settings),
+            settings.exports_dir,
             LOCAL_SEND_LIMIT if settings.telegram_api_local else CLOUD_SEND_LIMIT,
         ),
         cluster=cluster,

@@ -166,6 +166,11 @@ class Settings(BaseSettings):
         return self.master_key_file
 
     @property
+    def exports_dir(self) -> Path:
+        """Where hand-off bundles are written (and deleted when their case is erased)."""
+        return self.data_dir / "exports"
+
+    @property
     def local_path_map(self) -> tuple[str, str] | None:
         if not self.telegram_local_path_map:
             return None

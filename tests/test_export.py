@@ -49,7 +49,7 @@ from core.events import Event, EventKind
 from core.ports import Patient
 from tests import test_store_service
 from tests.files import dicom_path, document_photo, pdf_bytes
-from tests.scenario import IDENTITY_STEPS, apply_steps
+from tests.scenario import IDENTITY_STEPS, apply_steps, walk_to_complete
 from tests.test_shell_and_cli import run_cli
 
 # The real store, vault and conversation service of the store tests, on SQLite and PostgreSQL.
@@ -309,6 +309,30 @@ async def test_unknown_and_erased_cases_are_refused(app: App, tmp_path: Path) ->
         )
     assert not out.exists() or list(out.iterdir()) == []
     assert "case.export" not in {e.action for e in await audit.entries(app.store)}
+
+
+async def test_an_erased_cases_bundles_go_with_it(app: App, tmp_path: Path) -> None:
+    """A patient's erasure also deletes the case's hand-off bundles in DATA_DIR/exports
+    (encrypted, but with a password the coordinators hold); another case's stay."""
+    leaving, staying = Patient(7301, 7301, "en"), Patient(7302, 7302, "en")
+    last = await walk_to_complete(app, leaving, tmp_path, 1)
+    await walk_to_complete(app, staying, tmp_path, 100)
+    out = app.settings.exports_dir
+    bundles = {}
+    for patient in (leaving, staying, leaving):  # the leaving case exported twice
+        async with app.store.session() as session:
+            query = select(CaseRow.id).where(CaseRow.chat_id == patient.chat_id)
+            case_id = (await session.exec(query)).one()
+        bundle = await build_bundle(
+            app.store, app.vault, app.checklists, case_id, out, render=render, actor="operator"
+        )
+        bundles.setdefault(patient.chat_id, []).append(bundle.path)
+    assert len(list(out.iterdir())) == 3
+
+    await app.service.handle(leaving, Event(EventKind.DELETE_REQUEST), last)
+    await app.service.handle(leaving, Event(EventKind.DELETE_CONFIRM), last + 1)
+
+    assert sorted(out.iterdir()) == bundles[staying.chat_id]
 
 
 async def test_cli_exports_and_prints_the_password_apart(
