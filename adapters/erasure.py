@@ -13,6 +13,7 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import and_, func, or_
 from sqlmodel import col, select
 
 from adapters.durable import fsync_dir
@@ -74,12 +75,16 @@ class Eraser:
         return len(pending)
 
     async def expired_cases(self, retention_days: int, now: datetime) -> list[tuple[str, int]]:
-        """(case id, chat id) of complete cases closed more than `retention_days` ago."""
+        """(case id, chat id) of the cases the retention rule erases: complete ones closed
+        more than `retention_days` ago, and ones never completed whose last step (the
+        patient's or a coordinator's; for a case older than that record, its last change)
+        is as old: an intake given up must not keep its records for ever."""
         cutoff = now - timedelta(days=retention_days)
+        closed = and_(col(CaseRow.state) == "complete", col(CaseRow.completed_at) < cutoff)
+        last_step = func.coalesce(CaseRow.active_at, CaseRow.updated_at)
+        given_up = and_(col(CaseRow.state).not_in(("complete", "erased")), last_step < cutoff)
         async with self._store.reader() as session:
             rows = await session.exec(
-                select(CaseRow.id, CaseRow.chat_id)
-                .where(CaseRow.state == "complete")
-                .where(col(CaseRow.completed_at) < cutoff)
+                select(CaseRow.id, CaseRow.chat_id).where(or_(closed, given_up))
             )
             return [(case_id, chat_id) for case_id, chat_id in rows.all()]

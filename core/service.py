@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from core import engine, reminders
 from core.alerts import Signer, case_ready_alert
@@ -169,16 +169,24 @@ class ConversationService:
         return sent
 
     async def erase_expired(self, retention_days: int) -> int:
-        """Erase complete cases closed more than `retention_days` ago, as /delete would."""
+        """Erase, as /delete would, complete cases closed more than `retention_days` ago and
+        cases never completed whose last step is that old."""
         ctx = self._context()
+        cutoff = ctx.now - timedelta(days=retention_days)
         erased = 0
         for case_id, chat_id in await self._erasure.expired_cases(retention_days, ctx.now):
             async with self._store.transaction() as tx:
                 case = await tx.load_case(chat_id)
-                if case is None or case.id != case_id or case.state is not State.COMPLETE:
+                if case is None or case.id != case_id or case.state is State.ERASED:
                     continue
+                if case.state is State.COMPLETE:
+                    notice = Text("retention.erased")
+                elif case.active_at is None or _utc(case.active_at) < cutoff:
+                    notice = Text("retention.erased_inactive")
+                else:
+                    continue  # a step since the cases were listed
                 await tx.erase_case(case.id, None)
-                await tx.enqueue(chat_id, case.locale, reply(Text("retention.erased")))
+                await tx.enqueue(chat_id, case.locale, reply(notice))
                 await self._notify(tx, case, ErasureRequested(case.id), ctx)
             await self._erasure.finish(case_id)
             erased += 1
@@ -387,6 +395,11 @@ async def queue_card(tx: Transaction, case: Case, ctx: Context, before: tuple[ob
         await tx.enqueue_card(
             case.chat_id, case.locale, engine.status_reply(case, ctx, "card.header")
         )
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands times back without a zone; every stored time is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def merge_replies(replies: list[Reply]) -> list[Reply]:

@@ -244,6 +244,55 @@ async def test_retention_erases_cases_closed_long_ago(app: App, tmp_path: Path) 
     assert await count(app, FileRow) == 3 and len(list(app.vault.iter_blob_ids())) == 3
 
 
+async def test_retention_erases_an_intake_given_up_long_ago(app: App, tmp_path: Path) -> None:
+    """A case never completed is erased once its last step (the patient's or a
+    coordinator's; for a case from before steps were timed, its last change) is older than
+    the retention period, its records with it; the patient is told why, the coordinator
+    too. A case given up more recently, or complete, stays."""
+    given_up, untimed, recent = (Patient(n, n, "en") for n in (54, 55, 56))
+    steps = [
+        Event(EventKind.START),
+        Event(EventKind.AGREE),
+        Event(EventKind.CHOOSE_PROCEDURE, "general"),
+        *IDENTITY_STEPS,
+    ]
+    referral = tmp_path / "referral.pdf"
+    referral.write_bytes(pdf_bytes(["Referral letter"]))
+    for number, patient in enumerate((given_up, untimed, recent)):
+        for update_id, event in enumerate(steps, 600 + 20 * number):
+            await app.service.handle(patient, event, update_id)
+        await send(app, patient, referral, 619 + 20 * number)
+    await walk_to_complete(app, Patient(57, 57, "en"), tmp_path, 700)  # closed just now
+    long_ago = utcnow() - timedelta(days=400)
+    async with app.store.session() as session:
+        for row in (await session.exec(select(CaseRow))).all():
+            if row.chat_id == 54:
+                row.active_at = long_ago
+            elif row.chat_id == 55:
+                row.active_at, row.updated_at = None, long_ago
+            elif row.chat_id == 56:
+                row.active_at = utcnow() - timedelta(days=364)
+            session.add(row)
+    blobs_before = set(app.vault.iter_blob_ids())
+
+    assert await app.service.erase_expired(365) == 2
+
+    async with app.store.session() as session:
+        chats = sorted(r.chat_id for r in (await session.exec(select(CaseRow))).all())
+        told = [
+            (row.chat_id, json.loads(row.payload))
+            for row in (await session.exec(select(OutboxRow))).all()
+            if "retention." in row.payload or "case_erased" in row.payload
+        ]
+    assert chats == [56, 57]
+    assert len(set(app.vault.iter_blob_ids())) == len(blobs_before) - 2  # two referrals
+    patients_told = sorted(chat for chat, payload in told if chat != COORDINATOR)
+    assert patients_told == [54, 55]
+    assert all("retention.erased_inactive" in json.dumps(p) for c, p in told if c != COORDINATOR)
+    assert sum(chat == COORDINATOR for chat, _ in told) == 2
+    assert await app.service.erase_expired(365) == 0  # nothing more, nothing twice
+
+
 async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path: Path) -> None:
     patient = Patient(61, 61, "en")
     for update_id, event in enumerate(
