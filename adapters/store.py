@@ -384,6 +384,13 @@ class SqlTransaction:
         for member in (await self.session.exec(members)).all():
             member.name_enc, member.sha256 = None, ""
             self.session.add(member)
+        # The chat's updates given up on (parked, see bot.inbox) hold what the patient sent,
+        # encrypted with the inbox's key, not the case's: they go now.
+        await self.session.exec(
+            delete(InboxRow).where(
+                col(InboxRow.chat_id) == row.chat_id, col(InboxRow.status) == "parked"
+            )
+        )
         # One tombstone per chat and update: the chat's earlier case may have left this one
         # (erasures by the retention rule all stand "up to update 0"): it is renewed.
         chat_hash, up_to = self.keys.chat_hash(row.chat_id), up_to_update_id or 0

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--out", type=Path, help="folder for the archive (default DATA_DIR/exports)"
     )
+    inbox = sub.add_parser("inbox", help="updates the bot gave up on (parked): list, retry")
+    inbox_sub = inbox.add_subparsers(dest="inbox_command", required=True)
+    parked = inbox_sub.add_parser("list", help="every parked update, without its content")
+    parked.add_argument("--json", action="store_true")
+    retry = inbox_sub.add_parser("retry", help="put parked updates back in line (audited)")
+    retry.add_argument("update_ids", nargs="*", type=int, metavar="UPDATE_ID")
+    retry.add_argument("--all", action="store_true", help="every parked update")
     return parser
 
 
@@ -175,6 +182,8 @@ async def _async_main(args: argparse.Namespace, settings: Settings) -> int:
             return 1 if problems else 0
         if args.command == "export":
             return await _export(args, app)
+        if args.command == "inbox":
+            return await _inbox(args, app)
         return await _cases(args, app)
     finally:
         await app.close()
@@ -220,6 +229,34 @@ async def _export(args: argparse.Namespace, app: object) -> int:
     print(f"archive: {bundle.path}")
     print(f"password: {bundle.password}")
     return 0
+
+
+async def _inbox(args: argparse.Namespace, app: object) -> int:
+    from bot.app import App
+    from bot.inbox import parked_updates, retry_parked
+
+    assert isinstance(app, App)
+    if args.inbox_command == "list":
+        parked = await parked_updates(app.store)
+        if args.json:
+            print(json.dumps(parked, indent=2))
+        elif not parked:
+            print("no parked updates")
+        for update in [] if args.json else parked:
+            print(
+                f"{update['update_id']}  {update['received_at']}  {update['attempts']} tries  "
+                f"{update['error'] or '-'}  case {update['case_id'] or '-'}"
+            )
+        return 0
+    if bool(args.update_ids) == args.all:
+        print("care-companion: name the updates to retry, or --all", file=sys.stderr)
+        return 2
+    retried = await retry_parked(app.store, None if args.all else args.update_ids)
+    missing = sorted(set(args.update_ids) - set(retried))
+    print(f"{len(retried)} update(s) back in line: a running bot handles them within a second")
+    if missing:
+        print(f"not parked: {' '.join(map(str, missing))}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 async def _cases(args: argparse.Namespace, app: object) -> int:

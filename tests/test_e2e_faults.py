@@ -1,10 +1,12 @@
-"""Faults answered cleanly, against the real bot process: a file that can never be fetched
-is parked after a few tries (patient and coordinator told, later messages still served);
-429 and 5xx on sends are waited out and retried, never dropped."""
+"""Faults answered cleanly, against the real bot process: a file that cannot be fetched is
+parked after a few tries (patient and coordinator told, later messages still served), and
+handled once the operator puts it back in line (`inbox retry`); 429 and 5xx on sends are
+waited out and retried, never dropped."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +18,7 @@ from tests.botproc import BotProcess
 from tests.emulator import BotApiEmulator
 from tests.files import pdf_bytes
 from tests.patient_driver import PatientDriver
+from tests.test_shell_and_cli import run_cli
 
 pytestmark = pytest.mark.e2e
 COORDINATOR = 900_003
@@ -61,11 +64,42 @@ async def test_unfetchable_file_is_parked_and_the_chat_goes_on(
     await emulator.wait_for_text(COORDINATOR, "something went wrong", timeout=30)
     patient.say("/status")  # the next message of this chat is still served
     await patient.expect("Your records so far")
-    with sqlite3.connect(bot.data_dir / "care-companion.db") as db:
-        status, attempts = db.execute(
-            "select status, attempts from inbox where update_id = ?", (update_id,)
-        ).fetchone()
-    assert status == "parked" and attempts == 5
+    database = bot.data_dir / "care-companion.db"
+
+    def inbox_row() -> tuple[str, int]:
+        with sqlite3.connect(database) as db:
+            return db.execute(
+                "select status, attempts from inbox where update_id = ?", (update_id,)
+            ).fetchone()
+
+    def files() -> int:
+        with sqlite3.connect(database) as db:
+            return db.execute("select count(*) from case_files").fetchone()[0]
+
+    assert inbox_row() == ("parked", 5) and files() == 0
+
+    # The operator sees it (never what it holds) and, the Bot API giving the file again,
+    # puts it back in line while the bot runs: it is handled, once.
+    listed = await asyncio.to_thread(run_cli, bot.workdir, "inbox", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    parked = json.loads(listed.stdout)
+    assert [(p["update_id"], p["attempts"], p["error"]) for p in parked] == [
+        (update_id, 5, "TelegramBadRequest")
+    ]
+    assert parked[0]["case_id"] and "referral" not in listed.stdout
+    emulator.faults.clear()
+    retried = await asyncio.to_thread(run_cli, bot.workdir, "inbox", "retry", str(update_id))
+    assert retried.returncode == 0 and "1 update(s) back in line" in retried.stdout
+    deadline = time.monotonic() + 60
+    while inbox_row()[0] != "done":
+        assert time.monotonic() < deadline, "the update put back in line was not handled"
+        await asyncio.sleep(0.2)
+    assert files() == 1
+    again = await asyncio.to_thread(run_cli, bot.workdir, "inbox", "retry", str(update_id))
+    assert again.returncode == 1 and f"not parked: {update_id}" in again.stderr
+    with sqlite3.connect(database) as db:
+        audited = db.execute("select actor, detail from audit_log where action = 'inbox.retry'")
+        assert audited.fetchall() == [("operator", f"update={update_id}")]
 
 
 async def test_429_and_5xx_on_sends_are_waited_out(

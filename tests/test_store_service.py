@@ -209,9 +209,19 @@ async def test_delete_crypto_erases_and_a_late_duplicate_brings_nothing_back(
     patient = Patient(41, 41, "en")
     update = await walk_to_complete(app, patient, tmp_path, 100, SECRET_ANSWER)
     assert await count(app, FileRow) == 3
+    async with app.store.session() as session:  # updates given up on: this chat's, another's
+        for update_id, chat_id in ((90, 41), (91, 42)):
+            parked = InboxRow(update_id=update_id, chat_id=chat_id, payload_enc="sealed")
+            parked.status, parked.received_at = "parked", utcnow()
+            session.add(parked)
     await app.service.handle(patient, Event(EventKind.DELETE_REQUEST), update)
     await app.service.handle(patient, Event(EventKind.DELETE_CONFIRM), update + 1)
     assert await count(app, CaseRow) == 0 and await count(app, FileRow) == 0
+    async with app.store.session() as session:
+        still_parked = (
+            await session.exec(select(InboxRow.chat_id).where(InboxRow.status == "parked"))
+        ).all()
+    assert still_parked == [42]
     assert list(app.vault.iter_blob_ids()) == []
     # Telegram redelivers an old update carrying a file, and an old text answer:
     late = tmp_path / "late.pdf"
