@@ -39,6 +39,9 @@ from core.replies import Button, Lines, Reply, Text, Verbatim, reply
 
 log = logging.getLogger(__name__)
 
+# Cases the retention rule erases in one transaction, named in one message to the coordinators.
+ERASE_TOGETHER = 25
+
 
 @dataclass(frozen=True)
 class WebUploads:
@@ -170,26 +173,45 @@ class ConversationService:
 
     async def erase_expired(self, retention_days: int) -> int:
         """Erase, as /delete would, complete cases closed more than `retention_days` ago and
-        cases never completed whose last step is that old."""
+        cases never completed whose last step is that old; each patient is told why. Up to
+        ERASE_TOGETHER cases a transaction, with one summary to the coordinators naming
+        them: a message per case would flood their chat the day the rule first erases many
+        (Telegram lets a group receive 20 a minute)."""
         ctx = self._context()
         cutoff = ctx.now - timedelta(days=retention_days)
+        expired = await self._erasure.expired_cases(retention_days, ctx.now)
         erased = 0
-        for case_id, chat_id in await self._erasure.expired_cases(retention_days, ctx.now):
+        for start in range(0, len(expired), ERASE_TOGETHER):
+            done: list[str] = []
             async with self._store.transaction() as tx:
-                case = await tx.load_case(chat_id)
-                if case is None or case.id != case_id or case.state is State.ERASED:
-                    continue
-                if case.state is State.COMPLETE:
-                    notice = Text("retention.erased")
-                elif case.active_at is None or _utc(case.active_at) < cutoff:
-                    notice = Text("retention.erased_inactive")
-                else:
-                    continue  # a step since the cases were listed
-                await tx.erase_case(case.id, None)
-                await tx.enqueue(chat_id, case.locale, reply(notice))
-                await self._notify(tx, case, ErasureRequested(case.id), ctx)
-            await self._erasure.finish(case_id)
-            erased += 1
+                for case_id, chat_id in expired[start : start + ERASE_TOGETHER]:
+                    case = await tx.load_case(chat_id)
+                    if case is None or case.id != case_id or case.state is State.ERASED:
+                        continue
+                    if case.state is State.COMPLETE:
+                        notice = Text("retention.erased")
+                    elif case.active_at is None or _utc(case.active_at) < cutoff:
+                        notice = Text("retention.erased_inactive")
+                    else:
+                        continue  # a step since the cases were listed
+                    await tx.erase_case(case.id, None)
+                    await tx.enqueue(chat_id, case.locale, reply(notice))
+                    done.append(case.id)
+                    log.info("retention erases case=%s", case.id)
+                if done and self._coordinator.chat_id is not None:
+                    summary = Text(
+                        "coordinator.retention_erased",
+                        {"count": len(done), "case_ids": Verbatim(", ".join(done))},
+                    )
+                    await tx.enqueue(
+                        self._coordinator.chat_id,
+                        self._coordinator.locale,
+                        reply(summary),
+                        dedup_key=f"retention-erased:{done[0]}",
+                    )
+            for case_id in done:  # the keys are gone; now remove blobs and rows
+                await self._erasure.finish(case_id)
+            erased += len(done)
         return erased
 
     async def handle_file(

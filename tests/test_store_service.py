@@ -17,6 +17,7 @@ from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, Outbo
 from bot.app import App, build_app, prepare
 from bot.settings import Settings
 from bot.shell import LocalFileSource, local_incoming
+from core import service as service_module
 from core.events import Event, EventKind
 from core.ports import Patient
 from tests.files import dicom_path, document_photo, pdf_bytes
@@ -247,19 +248,30 @@ async def test_retention_erases_cases_closed_long_ago(app: App, tmp_path: Path) 
         row = (await session.exec(select(CaseRow).where(CaseRow.chat_id == 51))).one()
         row.completed_at = row.completed_at - timedelta(days=400)  # type: ignore[operator]
         session.add(row)
+        old_case_id = row.id
     assert await app.service.erase_expired(365) == 1
     async with app.store.session() as session:
         chats = [r.chat_id for r in (await session.exec(select(CaseRow))).all()]
     assert chats == [52]
     assert await count(app, FileRow) == 3 and len(list(app.vault.iter_blob_ids())) == 3
+    async with app.store.session() as session:
+        to_coordinators = (
+            await session.exec(select(OutboxRow.payload).where(OutboxRow.chat_id == COORDINATOR))
+        ).all()
+    summaries = [p for p in to_coordinators if "retention_erased" in p]
+    assert len(summaries) == 1 and old_case_id in summaries[0]
 
 
-async def test_retention_erases_an_intake_given_up_long_ago(app: App, tmp_path: Path) -> None:
+async def test_retention_erases_an_intake_given_up_long_ago(
+    app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A case never completed is erased once its last step (the patient's or a
     coordinator's; for a case from before steps were timed, its last change) is older than
-    the retention period, its records with it; the patient is told why, the coordinator
-    too. A case given up more recently, or complete, stays."""
+    the retention period, its records with it; the patient is told why, the coordinators
+    get one message naming every case the turn erased. A case given up more recently, or
+    complete, stays."""
     given_up, untimed, recent = (Patient(n, n, "en") for n in (54, 55, 56))
+    monkeypatch.setattr(service_module, "ERASE_TOGETHER", 1)  # a transaction, a message each
     steps = [
         Event(EventKind.START),
         Event(EventKind.AGREE),
@@ -275,7 +287,9 @@ async def test_retention_erases_an_intake_given_up_long_ago(app: App, tmp_path: 
     await walk_to_complete(app, Patient(57, 57, "en"), tmp_path, 700)  # closed just now
     long_ago = utcnow() - timedelta(days=400)
     async with app.store.session() as session:
+        erasing = []
         for row in (await session.exec(select(CaseRow))).all():
+            erasing += [row.id] if row.chat_id in (54, 55) else []
             if row.chat_id == 54:
                 row.active_at = long_ago
             elif row.chat_id == 55:
@@ -292,14 +306,16 @@ async def test_retention_erases_an_intake_given_up_long_ago(app: App, tmp_path: 
         told = [
             (row.chat_id, json.loads(row.payload))
             for row in (await session.exec(select(OutboxRow))).all()
-            if "retention." in row.payload or "case_erased" in row.payload
+            if "retention" in row.payload or "case_erased" in row.payload
         ]
     assert chats == [56, 57]
     assert len(set(app.vault.iter_blob_ids())) == len(blobs_before) - 2  # two referrals
     patients_told = sorted(chat for chat, payload in told if chat != COORDINATOR)
     assert patients_told == [54, 55]
     assert all("retention.erased_inactive" in json.dumps(p) for c, p in told if c != COORDINATOR)
-    assert sum(chat == COORDINATOR for chat, _ in told) == 2
+    summaries = [json.dumps(p) for chat, p in told if chat == COORDINATOR]
+    assert len(summaries) == 2 and all("coordinator.retention_erased" in s for s in summaries)
+    assert sorted(i for i in erasing if any(i in s for s in summaries)) == sorted(erasing)
     assert await app.service.erase_expired(365) == 0  # nothing more, nothing twice
 
 
