@@ -240,13 +240,14 @@ async def _inbox(args: argparse.Namespace, app: object) -> int:
         parked = await parked_updates(app.store)
         if args.json:
             print(json.dumps(parked, indent=2))
-        elif not parked:
-            print("no parked updates")
-        for update in [] if args.json else parked:
+            return 0
+        for update in parked:
             print(
                 f"{update['update_id']}  {update['received_at']}  {update['attempts']} tries  "
                 f"{update['error'] or '-'}  case {update['case_id'] or '-'}"
             )
+        if not parked:
+            print("no parked updates")
         return 0
     if bool(args.update_ids) == args.all:
         print("care-companion: name the updates to retry, or --all", file=sys.stderr)

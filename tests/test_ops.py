@@ -18,7 +18,14 @@ from sqlmodel import col, select
 
 from adapters import backup as backup_module
 from adapters.audit import verify_chain
-from adapters.backup import KEY_NOT_INCLUDED, BackupError, backup, find_pg_tool, restore
+from adapters.backup import (
+    KEY_NOT_INCLUDED,
+    BackupError,
+    RestoreResult,
+    backup,
+    find_pg_tool,
+    restore,
+)
 from adapters.database import create_engine
 from adapters.keys import load_or_create_master_key
 from adapters.migrate import SchemaTooNewError, alembic_config, upgrade
@@ -261,6 +268,21 @@ async def load(app: App, chat_id: int):  # type: ignore[no-untyped-def]
         return await tx.load_case(chat_id)
 
 
+async def restore_elsewhere(
+    app: App, database_url: str, tmp_path: Path, said: list[str]
+) -> tuple[Path, RestoreResult]:
+    """tmp_path/backup restored into a new DATA_DIR holding the app's key, and that dir."""
+    restored_dir = with_key_of(app.settings, tmp_path / "restored")
+    result = await restore(
+        database_url,
+        restored_dir / "vault",
+        restored_dir / "master.key",
+        tmp_path / "backup",
+        said.append,
+    )
+    return restored_dir, result
+
+
 async def test_restore_drill(app: App, empty_database: str, tmp_path: Path) -> None:
     """Back up while the app serves and a patient uploads; restore elsewhere with the same
     key: every case decrypts, every file is byte-identical, verify is clean."""
@@ -284,15 +306,8 @@ async def test_restore_drill(app: App, empty_database: str, tmp_path: Path) -> N
             content = path.read_bytes()
             assert master not in content and master.hex().encode() not in content, path
 
-    restored_dir = with_key_of(app.settings, tmp_path / "restored")
     said.clear()
-    result = await restore(
-        empty_database,
-        restored_dir / "vault",
-        restored_dir / "master.key",
-        tmp_path / "backup",
-        said.append,
-    )
+    restored_dir, result = await restore_elsewhere(app, empty_database, tmp_path, said)
     assert result.report.ok, result.report.format()
     assert result.report.files_checked == result.blobs >= 4  # 2 PDFs, a scan, a photo, ...
     output = "\n".join(said) + result.report.format()
@@ -345,15 +360,8 @@ async def test_a_case_erased_while_the_backup_runs_stays_erased_after_a_restore(
     manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
     assert manifest["erased_during"] == [leaving_case.id]
 
-    restored_dir = with_key_of(app.settings, tmp_path / "restored")
     said.clear()
-    result = await restore(
-        empty_database,
-        restored_dir / "vault",
-        restored_dir / "master.key",
-        tmp_path / "backup",
-        said.append,
-    )
+    restored_dir, result = await restore_elsewhere(app, empty_database, tmp_path, said)
     assert result.report.ok, result.report.format()
     assert result.erased == 1 and result.blobs >= 3
     assert "erased 1 case(s) again: they were erased while the backup ran" in said
