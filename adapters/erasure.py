@@ -13,7 +13,7 @@ import logging
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_
+from sqlalchemy import ColumnElement, and_, func, or_
 from sqlmodel import col, select
 
 from adapters.durable import fsync_dir
@@ -74,17 +74,44 @@ class Eraser:
             await self.finish(case_id)
         return len(pending)
 
-    async def expired_cases(self, retention_days: int, now: datetime) -> list[tuple[str, int]]:
+    async def expired_cases(
+        self, retention_days: int, notice_days: int, now: datetime
+    ) -> list[tuple[str, int]]:
         """(case id, chat id) of the cases the retention rule erases: complete ones closed
         more than `retention_days` ago, and ones never completed whose last step (the
         patient's or a coordinator's; for a case older than that record, its last change)
-        is as old: an intake given up must not keep its records for ever."""
+        is as old, once their patient was told at least `notice_days` ago (and has not
+        stepped since): an intake given up must not keep its records for ever, nor lose
+        them unannounced."""
         cutoff = now - timedelta(days=retention_days)
         closed = and_(col(CaseRow.state) == "complete", col(CaseRow.completed_at) < cutoff)
-        last_step = func.coalesce(CaseRow.active_at, CaseRow.updated_at)
-        given_up = and_(col(CaseRow.state).not_in(("complete", "erased")), last_step < cutoff)
+        noticed = and_(
+            col(CaseRow.retention_notice_at) >= _last_step,
+            col(CaseRow.retention_notice_at) < now - timedelta(days=notice_days),
+        )
+        given_up = and_(_never_completed, _last_step < cutoff, noticed)
+        return await self._cases(or_(closed, given_up))
+
+    async def cases_to_notify(
+        self, retention_days: int, notice_days: int, now: datetime
+    ) -> list[tuple[str, int]]:
+        """(case id, chat id) of the cases given up whose patient is to be told now that
+        the retention rule will erase them in `notice_days`: not yet told since their last
+        step."""
+        due = _last_step < now - timedelta(days=retention_days - notice_days)
+        untold = or_(
+            col(CaseRow.retention_notice_at).is_(None),
+            col(CaseRow.retention_notice_at) < _last_step,
+        )
+        return await self._cases(and_(_never_completed, due, untold))
+
+    async def _cases(self, where: ColumnElement[bool]) -> list[tuple[str, int]]:
         async with self._store.reader() as session:
-            rows = await session.exec(
-                select(CaseRow.id, CaseRow.chat_id).where(or_(closed, given_up))
-            )
+            rows = await session.exec(select(CaseRow.id, CaseRow.chat_id).where(where))
             return [(case_id, chat_id) for case_id, chat_id in rows.all()]
+
+
+# A case's last step: the patient's or a coordinator's, or for a case from before steps were
+# timed, its last change. Never completed (nor already erased): given up, if that is old.
+_last_step = func.coalesce(CaseRow.active_at, CaseRow.updated_at)
+_never_completed = col(CaseRow.state).not_in(("complete", "erased"))

@@ -351,6 +351,15 @@ class SqlTransaction:
         )
         return (await self.session.exec(query)).first() is not None
 
+    async def note_retention_notice(self, case_id: str, at: datetime) -> None:
+        """The case's patient was told the retention rule will erase it (not a change of the
+        case: its updated_at, which stands for the last step of a case from before steps
+        were timed, stays)."""
+        row = await self.session.get(CaseRow, case_id)
+        assert row is not None, "a notice for a case that does not exist"
+        row.retention_notice_at = at
+        self.session.add(row)
+
     async def erase_case(
         self, case_id: str, up_to_update_id: int | None, *, operator: str = ""
     ) -> None:

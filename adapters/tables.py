@@ -34,6 +34,9 @@ class CaseRow(SQLModel, table=True):
     # Reminders (core.reminders): the last step of the conversation, how many reminders
     # were sent since, and whether the patient asked to pause them.
     active_at: datetime | None = None
+    # When the patient of a case given up was told the retention rule would erase it (its
+    # notice, adapters.erasure): it is erased only that long after, if still given up.
+    retention_notice_at: datetime | None = None
     reminders_sent: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     reminders_paused: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
     # Records the coordinator asked for beyond the checklist (JSON), encrypted: typed words.

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 # Cases the retention rule erases in one transaction, named in one message to the coordinators.
 ERASE_TOGETHER = 25
+# How long before the retention rule erases a case given up its patient is told (at most half
+# the retention period).
+RETENTION_NOTICE_DAYS = 14
 
 
 @dataclass(frozen=True)
@@ -173,13 +176,16 @@ class ConversationService:
 
     async def erase_expired(self, retention_days: int) -> int:
         """Erase, as /delete would, complete cases closed more than `retention_days` ago and
-        cases never completed whose last step is that old; each patient is told why. Up to
-        ERASE_TOGETHER cases a transaction, with one summary to the coordinators naming
-        them: a message per case would flood their chat the day the rule first erases many
-        (Telegram lets a group receive 20 a minute)."""
+        cases never completed whose last step is that old, their patients told some days
+        before (any step keeps the case); each patient is told why. Up to ERASE_TOGETHER
+        cases a transaction, with one summary to the coordinators naming them: a message
+        per case would flood their chat the day the rule first erases many (Telegram lets a
+        group receive 20 a minute)."""
         ctx = self._context()
         cutoff = ctx.now - timedelta(days=retention_days)
-        expired = await self._erasure.expired_cases(retention_days, ctx.now)
+        notice_days = min(RETENTION_NOTICE_DAYS, retention_days // 2)
+        await self._announce_erasures(retention_days, notice_days, ctx)
+        expired = await self._erasure.expired_cases(retention_days, notice_days, ctx.now)
         erased = 0
         for start in range(0, len(expired), ERASE_TOGETHER):
             done: list[str] = []
@@ -213,6 +219,26 @@ class ConversationService:
                 await self._erasure.finish(case_id)
             erased += len(done)
         return erased
+
+    async def _announce_erasures(self, retention_days: int, notice_days: int, ctx: Context) -> None:
+        """Tell the patients of cases given up that theirs will be erased in `notice_days`
+        unless they go on (once per last step: a step, then giving up again, is told anew)."""
+        due_before = ctx.now - timedelta(days=retention_days - notice_days)
+        for case_id, chat_id in await self._erasure.cases_to_notify(
+            retention_days, notice_days, ctx.now
+        ):
+            async with self._store.transaction() as tx:
+                case = await tx.load_case(chat_id)
+                if case is None or case.id != case_id:
+                    continue
+                if case.state in (State.COMPLETE, State.ERASED):
+                    continue
+                if case.active_at is not None and _utc(case.active_at) >= due_before:
+                    continue  # a step since the cases were listed
+                notice = Text("retention.notice_inactive", {"days": notice_days})
+                await tx.enqueue(chat_id, case.locale, reply(notice))
+                await tx.note_retention_notice(case.id, ctx.now)
+                log.info("retention notice case=%s", case.id)
 
     async def handle_file(
         self,

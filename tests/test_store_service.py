@@ -265,12 +265,13 @@ async def test_retention_erases_cases_closed_long_ago(app: App, tmp_path: Path) 
 async def test_retention_erases_an_intake_given_up_long_ago(
     app: App, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A case never completed is erased once its last step (the patient's or a
-    coordinator's; for a case from before steps were timed, its last change) is older than
-    the retention period, its records with it; the patient is told why, the coordinators
-    get one message naming every case the turn erased. A case given up more recently, or
-    complete, stays."""
-    given_up, untimed, recent = (Patient(n, n, "en") for n in (54, 55, 56))
+    """A case never completed whose last step (the patient's or a coordinator's; for a case
+    from before steps were timed, its last change) nears the retention period's end gets a
+    notice, once; it is erased, records and all, once its last step is older than the
+    period and the notice RETENTION_NOTICE_DAYS old. The patient is told why, the
+    coordinators get one message naming the cases a transaction erased. A step after the
+    notice keeps the case; so does completing it; a case given up recently gets nothing."""
+    given_up, untimed, nearly, stepped, recent = (Patient(n, n, "en") for n in range(54, 59))
     monkeypatch.setattr(service_module, "ERASE_TOGETHER", 1)  # a transaction, a message each
     steps = [
         Event(EventKind.START),
@@ -280,43 +281,64 @@ async def test_retention_erases_an_intake_given_up_long_ago(
     ]
     referral = tmp_path / "referral.pdf"
     referral.write_bytes(pdf_bytes(["Referral letter"]))
-    for number, patient in enumerate((given_up, untimed, recent)):
+    for number, patient in enumerate((given_up, untimed, nearly, stepped, recent)):
         for update_id, event in enumerate(steps, 600 + 20 * number):
             await app.service.handle(patient, event, update_id)
         await send(app, patient, referral, 619 + 20 * number)
-    await walk_to_complete(app, Patient(57, 57, "en"), tmp_path, 700)  # closed just now
+    await walk_to_complete(app, Patient(59, 59, "en"), tmp_path, 800)  # closed just now
     long_ago = utcnow() - timedelta(days=400)
+    ids = {}
     async with app.store.session() as session:
-        erasing = []
         for row in (await session.exec(select(CaseRow))).all():
-            erasing += [row.id] if row.chat_id in (54, 55) else []
-            if row.chat_id == 54:
+            ids[row.chat_id] = row.id
+            if row.chat_id in (54, 57):
                 row.active_at = long_ago
             elif row.chat_id == 55:
                 row.active_at, row.updated_at = None, long_ago
             elif row.chat_id == 56:
-                row.active_at = utcnow() - timedelta(days=364)
+                row.active_at = utcnow() - timedelta(days=360)  # in the notice's window
+            elif row.chat_id == 58:
+                row.active_at = utcnow() - timedelta(days=300)
             session.add(row)
     blobs_before = set(app.vault.iter_blob_ids())
+
+    async def told(key: str) -> list[int]:
+        async with app.store.session() as session:
+            rows = (await session.exec(select(OutboxRow))).all()
+        return sorted(row.chat_id for row in rows if key in row.payload)
+
+    async def pass_notice_period() -> None:
+        async with app.store.session() as session:
+            for row in (await session.exec(select(CaseRow))).all():
+                if row.retention_notice_at is not None:
+                    row.retention_notice_at -= timedelta(days=15)
+                    session.add(row)
+
+    # First turn: notices, nothing erased; a second turn tells nobody twice.
+    assert await app.service.erase_expired(365) == 0
+    assert await app.service.erase_expired(365) == 0
+    assert await told("retention.notice_inactive") == [54, 55, 56, 57]
+    # The patient of 57 comes back (a step) after the notice.
+    await app.service.handle(stepped, Event(EventKind.STATUS), 900)
+    await pass_notice_period()
 
     assert await app.service.erase_expired(365) == 2
 
     async with app.store.session() as session:
         chats = sorted(r.chat_id for r in (await session.exec(select(CaseRow))).all())
-        told = [
-            (row.chat_id, json.loads(row.payload))
-            for row in (await session.exec(select(OutboxRow))).all()
-            if "retention" in row.payload or "case_erased" in row.payload
-        ]
-    assert chats == [56, 57]
+        to_coordinators = (
+            await session.exec(select(OutboxRow.payload).where(OutboxRow.chat_id == COORDINATOR))
+        ).all()
+    assert chats == [56, 57, 58, 59]
     assert len(set(app.vault.iter_blob_ids())) == len(blobs_before) - 2  # two referrals
-    patients_told = sorted(chat for chat, payload in told if chat != COORDINATOR)
-    assert patients_told == [54, 55]
-    assert all("retention.erased_inactive" in json.dumps(p) for c, p in told if c != COORDINATOR)
-    summaries = [json.dumps(p) for chat, p in told if chat == COORDINATOR]
-    assert len(summaries) == 2 and all("coordinator.retention_erased" in s for s in summaries)
-    assert sorted(i for i in erasing if any(i in s for s in summaries)) == sorted(erasing)
+    assert await told("retention.erased_inactive") == [54, 55]
+    summaries = [p for p in to_coordinators if "coordinator.retention_erased" in p]
+    assert len(summaries) == 2
+    assert sorted(i for i in (ids[54], ids[55]) if any(i in s for s in summaries)) == sorted(
+        [ids[54], ids[55]]
+    )
     assert await app.service.erase_expired(365) == 0  # nothing more, nothing twice
+    assert await told("retention.notice_inactive") == [54, 55, 56, 57]
 
 
 async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path: Path) -> None:
