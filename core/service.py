@@ -194,14 +194,18 @@ class ConversationService:
                     case = await tx.load_case(chat_id)
                     if case is None or case.id != case_id or case.state is State.ERASED:
                         continue
+                    # Checked again: a step since the cases were listed keeps a case given
+                    # up, and completing it starts the period of a closed case afresh.
                     if case.state is State.COMPLETE:
-                        notice = Text("retention.erased")
+                        if case.completed_at is None or _utc(case.completed_at) >= cutoff:
+                            continue
+                        told = Text("retention.erased")
                     elif case.active_at is None or _utc(case.active_at) < cutoff:
-                        notice = Text("retention.erased_inactive")
+                        told = Text("retention.erased_inactive")
                     else:
-                        continue  # a step since the cases were listed
+                        continue
                     await tx.erase_case(case.id, None)
-                    await tx.enqueue(chat_id, case.locale, reply(notice))
+                    await tx.enqueue(chat_id, case.locale, reply(told))
                     done.append(case.id)
                     log.info("retention erases case=%s", case.id)
                 if done and self._coordinator.chat_id is not None:

@@ -340,6 +340,14 @@ async def test_retention_erases_an_intake_given_up_long_ago(
     assert await app.service.erase_expired(365) == 0  # nothing more, nothing twice
     assert await told("retention.notice_inactive") == [54, 55, 56, 57]
 
+    # Listed while given up, then completed before its turn came: kept (checked again).
+    async def listed_before_completing(*_: object) -> list[tuple[str, int]]:
+        return [(ids[59], 59)]
+
+    monkeypatch.setattr(app.service._erasure, "expired_cases", listed_before_completing)
+    assert await app.service.erase_expired(365) == 0
+    assert await count(app, CaseRow, CaseRow.chat_id == 59) == 1
+
 
 async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path: Path) -> None:
     patient = Patient(61, 61, "en")
