@@ -15,6 +15,7 @@ from adapters import store as store_module
 from adapters.store import utcnow
 from adapters.tables import AuditRow, CaseRow, FileRow, InboxRow, ItemRow, OutboxRow
 from bot.app import App, build_app, prepare
+from bot.inbox import parked_updates, retry_parked
 from bot.settings import Settings
 from bot.shell import LocalFileSource, local_incoming
 from core import service as service_module
@@ -347,6 +348,35 @@ async def test_retention_erases_an_intake_given_up_long_ago(
     monkeypatch.setattr(app.service._erasure, "expired_cases", listed_before_completing)
     assert await app.service.erase_expired(365) == 0
     assert await count(app, CaseRow, CaseRow.chat_id == 59) == 1
+
+
+async def test_parked_updates_are_listed_and_put_back_in_line(app: App, tmp_path: Path) -> None:
+    """`inbox list` and `inbox retry` on this store: a parked update of a chat with a case
+    and one without; retried, it is new again with its tries counted afresh, audited."""
+    await walk_to_complete(app, Patient(63, 63, "en"), tmp_path, 1)
+    async with app.store.session() as session:
+        case_id = (await session.exec(select(CaseRow.id).where(CaseRow.chat_id == 63))).one()
+        for update_id, chat_id in ((70, 63), (71, None)):
+            row = InboxRow(update_id=update_id, chat_id=chat_id, payload_enc="sealed")
+            row.status, row.attempts, row.error = "parked", 5, "ValueError"
+            row.received_at = utcnow()
+            session.add(row)
+
+    listed = await parked_updates(app.store)
+    assert [(u["update_id"], u["case_id"], u["attempts"]) for u in listed] == [
+        (70, case_id, 5),
+        (71, None, 5),
+    ]
+    assert await retry_parked(app.store, [70, 99]) == [70]
+    async with app.store.session() as session:
+        again = await session.get(InboxRow, 70)
+        assert again is not None and (again.status, again.attempts) == ("new", 0)
+        entries = (
+            await session.exec(select(AuditRow).where(AuditRow.action == "inbox.retry"))
+        ).all()
+    assert [(e.actor, e.case_id, e.detail) for e in entries] == [("operator", case_id, "update=70")]
+    assert [u["update_id"] for u in await parked_updates(app.store)] == [71]
+    assert await retry_parked(app.store, None) == [71]
 
 
 async def test_album_is_stored_file_by_file_and_answered_once(app: App, tmp_path: Path) -> None:
