@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from core import engine, reminders
 from core.alerts import Signer, case_ready_alert
@@ -197,10 +197,10 @@ class ConversationService:
                     # Checked again: a step since the cases were listed keeps a case given
                     # up, and completing it starts the period of a closed case afresh.
                     if case.state is State.COMPLETE:
-                        if case.completed_at is None or _utc(case.completed_at) >= cutoff:
+                        if case.completed_at is None or case.completed_at >= cutoff:
                             continue
                         told = Text("retention.erased")
-                    elif case.active_at is None or _utc(case.active_at) < cutoff:
+                    elif case.active_at is None or case.active_at < cutoff:
                         told = Text("retention.erased_inactive")
                     else:
                         continue
@@ -237,7 +237,7 @@ class ConversationService:
                     continue
                 if case.state in (State.COMPLETE, State.ERASED):
                     continue
-                if case.active_at is not None and _utc(case.active_at) >= due_before:
+                if case.active_at is not None and case.active_at >= due_before:
                     continue  # a step since the cases were listed
                 notice = Text("retention.notice_inactive", {"days": notice_days})
                 await tx.enqueue(chat_id, case.locale, reply(notice))
@@ -447,11 +447,6 @@ async def queue_card(tx: Transaction, case: Case, ctx: Context, before: tuple[ob
         await tx.enqueue_card(
             case.chat_id, case.locale, engine.status_reply(case, ctx, "card.header")
         )
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands times back without a zone; every stored time is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def merge_replies(replies: list[Reply]) -> list[Reply]:
