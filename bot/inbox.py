@@ -19,17 +19,24 @@ from adapters.store import SqlStore, utcnow
 from adapters.tables import CaseRow, InboxRow
 
 
-async def parked_updates(store: SqlStore) -> list[dict[str, Any]]:
-    """Every parked update: its id, when it came, how often it failed and with what, and
-    the case of its chat (if the chat has one)."""
+def _parked(update_ids: Sequence[int] | None = None) -> Any:
+    """Parked updates (those named, or all), oldest first, each with its chat's case id (or
+    None: a chat without a case)."""
     query = (
         select(InboxRow, CaseRow.id)
         .join(CaseRow, col(CaseRow.chat_id) == col(InboxRow.chat_id), isouter=True)
         .where(InboxRow.status == "parked")
-        .order_by(col(InboxRow.update_id))
     )
+    if update_ids is not None:
+        query = query.where(col(InboxRow.update_id).in_(list(update_ids)))
+    return query.order_by(col(InboxRow.update_id))
+
+
+async def parked_updates(store: SqlStore) -> list[dict[str, Any]]:
+    """Every parked update: its id, when it came, how often it failed and with what, and
+    the case of its chat (if the chat has one)."""
     async with store.session() as session:
-        rows = (await session.exec(query)).all()
+        rows = (await session.exec(_parked())).all()
     return [
         {
             "update_id": row.update_id,
@@ -46,19 +53,12 @@ async def retry_parked(store: SqlStore, update_ids: Sequence[int] | None) -> lis
     """Put parked updates (those named, or all with None) back in line, attempts counted
     afresh; audited, one entry per update. Returns the ids put back (a named id that is not
     parked is left as it is)."""
-    query = select(InboxRow).where(InboxRow.status == "parked")
-    if update_ids is not None:
-        query = query.where(col(InboxRow.update_id).in_(list(update_ids)))
     async with store.session() as session:
-        rows = (await session.exec(query.order_by(col(InboxRow.update_id)))).all()
-        for row in rows:
-            case_id = None
-            if row.chat_id is not None:
-                case = select(CaseRow.id).where(CaseRow.chat_id == row.chat_id)
-                case_id = (await session.exec(case)).first()
+        rows = (await session.exec(_parked(update_ids))).all()
+        for row, case_id in rows:
             row.status, row.attempts, row.next_attempt_at = "new", 0, utcnow()
             session.add(row)
             await audit.append(
                 session, "operator", "inbox.retry", case_id, f"update={row.update_id}"
             )
-        return [row.update_id for row in rows]
+        return [row.update_id for row, _ in rows]
