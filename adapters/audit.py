@@ -65,7 +65,8 @@ _PG_LOCK_KEY = 0x61756469740001
 
 _ACTOR_RE = re.compile(r"(coordinator:-?\d{1,20}|patient|system|operator)")
 _ACTION_RE = re.compile(r"[a-z][a-z_]{0,14}(\.[a-z][a-z_]{0,14}){1,2}")
-_CASE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
+# A case id as the audit takes it (and a backup reads it back from the audit).
+CASE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _DETAIL_MAX = 200
 _PAGE = 1000
 
@@ -136,7 +137,7 @@ def _check(actor: str, action: str, case_id: str | None, detail: str) -> None:
     if not isinstance(action, str) or _ACTION_RE.fullmatch(action) is None:
         raise ValueError("audit action must be a dotted event name such as 'case.view'")
     if case_id is not None and (
-        not isinstance(case_id, str) or _CASE_ID_RE.fullmatch(case_id) is None
+        not isinstance(case_id, str) or CASE_ID_RE.fullmatch(case_id) is None
     ):
         raise ValueError("audit case_id must be a case id")
     if not isinstance(detail, str) or len(detail) > _DETAIL_MAX or not detail.isprintable():

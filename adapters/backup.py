@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel import col, select
 
 from adapters import keys
+from adapters.audit import CASE_ID_RE
 from adapters.database import create_engine, is_sqlite
 from adapters.durable import fsync_dir
 from adapters.erasure import Eraser
@@ -61,7 +62,6 @@ KEY_NOT_INCLUDED = (
 )
 # The only names a manifest may give besides the database's: never a path outside the target.
 _BLOB_PATH = re.compile(r"vault/blobs/([A-Za-z0-9_-]{2})/([A-Za-z0-9_-]{8,128})")
-_CASE_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _COPY_PIECE = 1 << 20
 # How long before the backup began an erasure counts as "while it ran": the audit's times come
 # from the clocks of the machines that erased, which may be a little off this one's. A case
@@ -333,7 +333,7 @@ def _read_manifest(src: Path, kind: str) -> tuple[dict[str, str], list[str]]:
         raise BackupError(f"{min(unlisted)} is in the backup but not in its manifest: refused")
     erased = manifest.get(ERASED_DURING, [])  # none in a backup made before they were listed
     if not isinstance(erased, list) or not all(
-        isinstance(case_id, str) and _CASE_ID.fullmatch(case_id) for case_id in erased
+        isinstance(case_id, str) and CASE_ID_RE.fullmatch(case_id) for case_id in erased
     ):
         raise BackupError(f"{src / MANIFEST} lists erased cases that are not case ids: refused")
     for name, expected in sorted(files.items()):
