@@ -8,6 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def bundles_of(out_dir: Path, case_id: str) -> list[Path]:
+    """The case's bundles in `out_dir` (adapters.export names each one bundle_name gives)."""
+    return sorted(out_dir.glob(f"case-{case_id}-*.zip"))
+
+
+def bundle_name(case_id: str, stamp: str, counter: int = 1) -> str:
+    """A bundle's file name: the case, when it was built, and which of that second's."""
+    suffix = "" if counter == 1 else f"-{counter}"
+    return f"case-{case_id}-{stamp}{suffix}.zip"
+
+
 class ExportError(Exception):
     """The bundle cannot be built (unknown or erased case, a damaged record); one line."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import ColumnElement, and_, func, or_
 from sqlmodel import col, select
 
+from adapters.bundle import bundles_of
 from adapters.durable import fsync_dir
 from adapters.store import SqlStore
 from adapters.tables import CaseRow, FileMemberRow, FileRow
@@ -52,12 +53,12 @@ class Eraser:
         log.info("erasure finished case=%s blobs=%d bundles=%d", case_id, len(blob_ids), bundles)
 
     def _drop_bundles(self, case_id: str) -> int:
-        """Delete the case's hand-off bundles (adapters.export names them
-        case-<id>-<time>.zip): encrypted, but with a password the coordinators were given,
-        so the records would outlive the erasure in them. Returns how many."""
+        """Delete the case's hand-off bundles: encrypted, but with a password the
+        coordinators were given, so the records would outlive the erasure in them. Returns
+        how many."""
         if self._exports is None or not self._exports.is_dir():
             return 0
-        bundles = list(self._exports.glob(f"case-{case_id}-*.zip"))
+        bundles = bundles_of(self._exports, case_id)
         for path in bundles:
             path.unlink(missing_ok=True)
         if bundles:

@@ -69,7 +69,7 @@ from reportlab.platypus import Flowable, Paragraph, SimpleDocTemplate, Spacer, T
 from sqlmodel import col, select
 
 from adapters import audit
-from adapters.bundle import Bundle, ExportError, ManifestEntry
+from adapters.bundle import Bundle, ExportError, ManifestEntry, bundle_name
 from adapters.durable import fsync_dir
 from adapters.store import SqlStore, utcnow
 from adapters.tables import CaseRow, FileMemberRow, FileRow, ItemRow
@@ -437,9 +437,9 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _free_name(out_dir: Path, case_id: str) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    path, counter = out_dir / f"case-{case_id}-{stamp}.zip", 2
+    path, counter = out_dir / bundle_name(case_id, stamp), 2
     while path.exists():  # a second export within the same second keeps the first
-        path, counter = out_dir / f"case-{case_id}-{stamp}-{counter}.zip", counter + 1
+        path, counter = out_dir / bundle_name(case_id, stamp, counter), counter + 1
     return path
 
 
